@@ -1,0 +1,109 @@
+"""Feature extractors: images ``[B, 3, H, W]`` to embeddings ``[B, D]``.
+
+Any timm backbone by name (timm's registry is ours), built with ``pretrained=False`` since nothing is
+downloaded at run time; pretrained weights come from a local file. A user's own ``nn.Module`` works
+too: subclass ``Extractor`` and pass it to the training entry point by name
+(``raymetric.train.fit(cfg, extractors={"mine": MyExtractor})``), no global registry to mutate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+class Extractor(nn.Module):
+    """Interface every extractor follows (like OML's IExtractor).
+
+    Subclasses set ``feat_dim`` and implement ``forward(images) -> [B, feat_dim]``.
+    """
+
+    feat_dim: int
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings for inference: eval mode is the caller's business, no autograd here."""
+        return self(images)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (``weights_only``: no code runs on load)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common wrappers around the tensors
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+class TimmExtractor(Extractor):
+    """A timm backbone (global-pooled features), an optional linear projection, L2 normalisation.
+
+    Args:
+        arch: any name from ``timm.list_models()``, e.g. ``resnet18``, ``vit_small_patch16_224``.
+        embedding_size: output dimension of a linear projection after the backbone; None keeps the
+            backbone's feature size.
+        normalise_features: L2-normalise the output (OML's key name).
+        weights: local path of backbone weights (``.pth`` or ``.safetensors``), loaded strictly
+            except for the classifier head timm drops.
+        drop_rate: dropout before the projection (timm's ``drop_rate``).
+        batchnorm_neck: a BatchNorm1d on the embedding before normalisation ("BNNeck"). It centres
+            the features of an untrained backbone, which all point the same way; without it, hard
+            triplet mining from scratch tends to collapse every embedding to one point.
+        model_args: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        embedding_size: int | None = None,
+        normalise_features: bool = True,
+        weights: str | None = None,
+        drop_rate: float = 0.0,
+        batchnorm_neck: bool = False,
+        model_args: dict | None = None,
+    ):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(
+            arch, pretrained=False, num_classes=0, drop_rate=drop_rate, **(model_args or {})
+        )
+        if weights:
+            state = load_state_dict_file(weights)
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            unexpected = [k for k in unexpected if not k.startswith(("fc.", "head", "classifier"))]
+            if missing or unexpected:
+                raise ValueError(
+                    f"extractor.args.weights={weights!r} does not fit {arch}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        backbone_dim = self.backbone.num_features
+        self.proj = nn.Linear(backbone_dim, embedding_size) if embedding_size else nn.Identity()
+        self.feat_dim = embedding_size or backbone_dim
+        self.neck = nn.BatchNorm1d(self.feat_dim) if batchnorm_neck else nn.Identity()
+        self.normalise_features = normalise_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        emb = self.neck(self.proj(self.backbone(images)))  # [B, D]
+        if self.normalise_features:
+            emb = nn.functional.normalize(emb.float(), dim=1)
+        return emb
+
+
+EXTRACTORS = {"timm": TimmExtractor}
+
+
+def build_extractor(name: str, args: dict | None = None, extra: dict | None = None) -> Extractor:
+    """Build the extractor registered as ``name`` (in ``EXTRACTORS`` or the caller's ``extra``)."""
+    registry = EXTRACTORS | (extra or {})
+    if name not in registry:
+        raise ValueError(f"unknown extractor {name!r}; known: {sorted(registry)}")
+    return registry[name](**(args or {}))

@@ -1,0 +1,158 @@
+"""Retrieval metrics against hand-worked cases and a plain-Python per-query oracle (REFERENCE.md §2)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raymetric.metrics import cmc_at_k, map_at_k, precision_at_k, retrieval_metrics
+
+
+def oracle(relevance_row, n_retrieved, n_gt, k):
+    """(cmc, precision, map) of one query, written straight from the definitions, OML corner cases included."""
+    k_eff = min(k, n_retrieved)
+    g = [bool(x) for x in relevance_row[:k_eff]]
+    if k_eff == 0:
+        value = 1.0 if n_gt == 0 else 0.0
+        return value, value, value
+    cmc = 1.0 if any(g) else 0.0
+    denominator = min(n_gt, k_eff)
+    precision = sum(g) / denominator if denominator else math.nan
+    hits, total = 0, 0.0
+    for i, relevant in enumerate(g, start=1):
+        if relevant:
+            hits += 1
+            total += hits / i
+    average_precision = total / hits if hits else 0.0
+    return cmc, precision, average_precision
+
+
+def nan_mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
+def test_worked_example():
+    g, n_retrieved, n_gt = [[1, 0, 1, 0, 0]], [5], [3]
+    assert cmc_at_k(g, n_retrieved, n_gt, 5).tolist() == [1.0]
+    assert cmc_at_k(g, n_retrieved, n_gt, 1).tolist() == [1.0]
+    assert precision_at_k(g, n_retrieved, n_gt, 5).item() == pytest.approx(2 / 3)
+    assert map_at_k(g, n_retrieved, n_gt, 5).item() == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert map_at_k(g, n_retrieved, n_gt, 5).item() == pytest.approx(0.8333, abs=1e-4)
+    # Cut at 2: one hit of min(3, 2) possible.
+    assert precision_at_k(g, n_retrieved, n_gt, 2).item() == pytest.approx(1 / 2)
+    assert map_at_k(g, n_retrieved, n_gt, 2).item() == pytest.approx(1.0)
+
+
+def test_precision_is_not_divided_by_k():
+    # A perfect ranking with n_gt < k scores 1.
+    assert precision_at_k([[1, 1, 0, 0, 0]], [5], [2], 5).item() == 1.0
+
+
+@pytest.mark.parametrize("fn", [cmc_at_k, precision_at_k, map_at_k])
+def test_nothing_retrieved(fn):
+    # OML: nothing retrieved and nothing relevant is a success, nothing retrieved but something relevant a miss.
+    assert fn([[0, 0, 0], [0, 0, 0]], [0, 0], [0, 4], 3).tolist() == [1.0, 0.0]
+
+
+def test_retrieved_but_no_relevant_item():
+    g, n_retrieved, n_gt = [[0, 0, 0]], [3], [0]
+    assert cmc_at_k(g, n_retrieved, n_gt, 3).item() == 0.0
+    assert map_at_k(g, n_retrieved, n_gt, 3).item() == 0.0
+    assert math.isnan(precision_at_k(g, n_retrieved, n_gt, 3).item())
+
+
+def test_fewer_retrieved_than_k():
+    # k' = min(k, n_retrieved) = 2; the padding column is never counted, even if flagged.
+    g = torch.tensor([[0, 1, 1, 0]], dtype=torch.bool)
+    assert precision_at_k(g, [2], [5], 4).item() == pytest.approx(1 / 2)
+    assert map_at_k(g, [2], [5], 4).item() == pytest.approx(1 / 2)
+    assert cmc_at_k(g, [1], [5], 4).item() == 0.0
+
+
+def random_case(seed, n_query=300, width=8):
+    """Consistent random results: relevant flags only among retrieved items, n_gt >= hits, some n_gt == 0."""
+    rng = np.random.default_rng(seed)
+    n_retrieved = rng.integers(0, width + 1, n_query)
+    is_relevant = (rng.random((n_query, width)) < 0.3) & (np.arange(width)[None, :] < n_retrieved[:, None])
+    n_gt = is_relevant.sum(1) + rng.integers(0, 4, n_query)
+    no_gt = rng.random(n_query) < 0.15
+    is_relevant[no_gt] = False
+    n_gt[no_gt] = 0
+    categories = rng.choice(np.array(["shoes", "bags", "hats"]), n_query)
+    return is_relevant, n_retrieved, n_gt, categories
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_query_against_oracle(seed):
+    is_relevant, n_retrieved, n_gt, _ = random_case(seed)
+    as_torch = torch.as_tensor(is_relevant), torch.as_tensor(n_retrieved), torch.as_tensor(n_gt)
+    for k in (1, 3, 8):
+        expected = np.array([oracle(row, r, n, k) for row, r, n in zip(is_relevant.tolist(), n_retrieved, n_gt)])
+        for column, fn in enumerate([cmc_at_k, precision_at_k, map_at_k]):
+            for inputs in [(is_relevant, n_retrieved, n_gt), as_torch]:
+                np.testing.assert_allclose(fn(*inputs, k).numpy(), expected[:, column], rtol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["exclude", "oml"])
+def test_means_and_category_blocks_against_oracle(mode):
+    is_relevant, n_retrieved, n_gt, categories = random_case(7)
+    result = retrieval_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=(1, 5), precision_top_k=(3, 5),
+                               map_top_k=(5,), categories=categories, queries_without_gt=mode)
+    metric_keys = ["cmc@1", "cmc@5", "precision@3", "precision@5", "map@5"]
+    expected_keys = []
+    for prefix in ["", "bags/", "hats/", "shoes/"]:
+        expected_keys += [prefix + key for key in metric_keys + ["n_queries", "n_queries_without_gt"]]
+    assert list(result) == expected_keys
+
+    blocks = [("", np.ones(len(n_gt), bool))] + [(f"{c}/", categories == c) for c in ("bags", "hats", "shoes")]
+    for prefix, members in blocks:
+        rows = [i for i in np.flatnonzero(members) if mode == "oml" or n_gt[i] > 0]
+        assert result[prefix + "n_queries"] == members.sum()
+        assert result[prefix + "n_queries_without_gt"] == (n_gt[members] == 0).sum()
+        for key in metric_keys:
+            name, k = key.split("@")
+            column = ["cmc", "precision", "map"].index(name)
+            values = [oracle(is_relevant[i].tolist(), n_retrieved[i], n_gt[i], int(k))[column] for i in rows]
+            expected = nan_mean(values)
+            if math.isnan(expected):
+                assert math.isnan(result[prefix + key])
+            else:
+                assert result[prefix + key] == pytest.approx(expected, rel=1e-12)
+
+    if mode == "exclude":
+        assert all(math.isfinite(v) for v in result.values())
+    else:  # OML: a query with retrieved items but no relevant one makes precision NaN
+        assert math.isnan(result["precision@5"]) and math.isfinite(result["cmc@1"])
+
+
+def test_exclude_with_no_query_left_is_finite():
+    result = retrieval_metrics([[0, 0], [0, 0]], [2, 2], [0, 0], cmc_top_k=(1,), precision_top_k=(2,),
+                               map_top_k=(2,), categories=[3, 4])
+    assert result == {"cmc@1": 0.0, "precision@2": 0.0, "map@2": 0.0, "n_queries": 2, "n_queries_without_gt": 2,
+                      "3/cmc@1": 0.0, "3/precision@2": 0.0, "3/map@2": 0.0, "3/n_queries": 1,
+                      "3/n_queries_without_gt": 1,
+                      "4/cmc@1": 0.0, "4/precision@2": 0.0, "4/map@2": 0.0, "4/n_queries": 1,
+                      "4/n_queries_without_gt": 1}
+
+
+def test_exclude_vs_oml_on_a_small_case():
+    # q0: worked example; q1: retrieved, nothing relevant; q2: nothing retrieved, nothing relevant.
+    g = [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    n_retrieved, n_gt = [5, 5, 0], [3, 0, 0]
+    kwargs = dict(cmc_top_k=(5,), precision_top_k=(5,), map_top_k=(5,))
+    exclude = retrieval_metrics(g, n_retrieved, n_gt, **kwargs)
+    assert exclude["cmc@5"] == 1.0 and exclude["precision@5"] == pytest.approx(2 / 3)
+    assert exclude["map@5"] == pytest.approx(0.8333, abs=1e-4) and exclude["n_queries_without_gt"] == 2
+    oml = retrieval_metrics(g, n_retrieved, n_gt, queries_without_gt="oml", **kwargs)
+    assert oml["cmc@5"] == pytest.approx(2 / 3) and oml["map@5"] == pytest.approx((0.8333 + 0 + 1) / 3, abs=1e-4)
+    assert math.isnan(oml["precision@5"]) and oml["n_queries"] == 3
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="queries_without_gt"):
+        retrieval_metrics([[1]], [1], [1], queries_without_gt="drop")
+    with pytest.raises(ValueError, match="k must be"):
+        retrieval_metrics([[1, 0]], [2], [1], cmc_top_k=(5,))
+    with pytest.raises(ValueError, match="categories"):
+        retrieval_metrics([[1, 0]], [2], [1], cmc_top_k=(1,), precision_top_k=(), map_top_k=(), categories=[1, 2])
