@@ -1,4 +1,4 @@
-"""Train a feature extractor on Ray Train.
+r"""Train a feature extractor on Ray Train.
 
 On one machine (Ray starts locally):
     python jobs/train.py --config configs/demo.yaml max_epochs=5
@@ -10,6 +10,15 @@ On a running cluster (outputs go to ray.storage_path, shared storage on a real c
 Any config key can be overridden as key=value (nested keys with dots, values in YAML syntax). The
 config, the dataset and the cluster's resources are checked before any worker starts. The last line
 printed is `run: <directory>`.
+
+The console shows one line per epoch (loss, share of active triplets, images/s, the checkpoint
+metric on validation epochs, ETA); Ray's own log lines stay in Ray's log files unless --verbose.
+The run directory holds config.yaml, history.jsonl, metrics.json, checkpoint_*/ and, with the default
+`logger: {name: tensorboard}`, TensorBoard event files (`tensorboard --logdir runs`); `logger.name=mlflow`
+logs to MLflow instead (pip install 'raymetric[mlflow]'). Start from weights with
+extractor.args.weights=<timm .pth/.safetensors, or a raymetric run directory or checkpoint>.
+
+Exit status: 0 done; 2 a config, dataset or sampler error (printed, naming the key, column or rows).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raymetric.config import ConfigError, load_config  # noqa: E402
+from raymetric.config import ConfigError, describe_keys, load_config  # noqa: E402
 from raymetric.data.csv import DatasetError  # noqa: E402
 from raymetric.ray_env import shutdown_if_started  # noqa: E402
 from raymetric.report import format_metrics  # noqa: E402
@@ -30,19 +39,30 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="config keys and their defaults (raymetric/config.py documents each):\n  "
+        + "\n  ".join(describe_keys()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines from the workers")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines (CI): only the final metrics and `run:`")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's log lines (workers, Train controller)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_epochs=5")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         from raymetric.train import fit  # imports Ray: after the cheap checks
 
-        result = fit(cfg, quiet=args.quiet)
+        result = fit(cfg, quiet=args.quiet, verbose=args.verbose)
     except (ConfigError, DatasetError, SamplerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # Ray: a worker's exception arrives wrapped in a TrainingFailedError
+        from raymetric.train import describe_failure
+
+        print(f"error: training failed: {describe_failure(err)}", file=sys.stderr)
+        return 1
     shutdown_if_started()  # flushes the workers' log lines, so that `run:` is really the last line
     print(format_metrics(result.metrics))
     print(f"run: {result.run_dir}")

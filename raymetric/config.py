@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
@@ -42,12 +42,21 @@ class CriterionBlock(Block):
     miner: Block | None = None
 
 
+class OptimizerBlock(Block):
+    """An optimizer; ``groups`` overrides its arguments per parameter group (``backbone``, ``head``, ``loss``)."""
+
+    groups: dict[Literal["backbone", "head", "loss"], dict[str, Any]] = Field(default_factory=dict)
+
+
 class SchedulingConfig(_Strict):
-    """LR scheduling (OML's keys)."""
+    """LR scheduling (OML's keys), plus an optional linear warm-up (raymetric's)."""
 
     scheduler: Block
-    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    scheduler_interval: Literal["epoch", "step"] = "epoch"  # "step" counts optimizer steps
     scheduler_frequency: PositiveInt = 1
+    # Scheduler steps of linear warm-up from warmup_start_factor x lr; the scheduler starts after it.
+    warmup: NonNegativeInt = 0
+    warmup_start_factor: float = Field(default=0.01, gt=0, le=1)
 
 
 class MetricArgs(_Strict):
@@ -59,17 +68,41 @@ class MetricArgs(_Strict):
     # Queries with no relevant gallery item: left out of the averages and counted ("exclude"), or
     # scored exactly as OML does, NaN precision included ("oml"). See raymetric/metrics.py.
     queries_without_gt: Literal["exclude", "oml"] = "exclude"
+    # fnmr@fmr=<fmr> for each false match rate (OML's key; off by default as in OML: it scores every
+    # query-gallery pair), read off pair-distance histograms of fmr_bins bins.
+    fmr_vals: list[Annotated[float, Field(ge=0, le=1)]] = []
+    fmr_bins: PositiveInt = 65536
+    # pcf@<share>: fraction of principal components explaining that share of the variance (OML's key).
+    pcf_variance: list[Annotated[float, Field(ge=0, le=1)]] = [0.5]
 
     def metric_names(self) -> list[str]:
         return (
             [f"cmc@{k}" for k in self.cmc_top_k]
             + [f"precision@{k}" for k in self.precision_top_k]
             + [f"map@{k}" for k in self.map_top_k]
+            + [f"fnmr@fmr={v:g}" for v in self.fmr_vals]
+            + [f"pcf@{v:g}" for v in self.pcf_variance]
         )
 
     @property
     def max_k(self) -> int:
         return max(self.cmc_top_k + self.precision_top_k + self.map_top_k)
+
+
+class RetrievalConfig(_Strict):
+    """How validation searches the gallery (raymetric/retrieval). The top-k is exact whatever is chosen."""
+
+    backend: Literal["torch", "faiss"] = "torch"  # what scores the candidates; faiss scores in float32
+    score_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where the hardware is fast at it
+    extra_candidates: NonNegativeInt = 16  # candidates per query beyond k, re-ranked exactly (48 for ~1M items)
+    max_block_elems: PositiveInt | None = None  # scores held at once; null: 2**24 on CPU, 2**28 on GPU (512 MB)
+    query_chunk: PositiveInt = 4096  # queries searched per round (per worker inside training)
+    # Stand-alone job: a gallery whose search needs less memory is searched in-process, a larger one in
+    # shards over Ray Data (same results; Ray Data's actors take seconds to start).
+    memory_budget_mb: PositiveFloat = 2048
+    # Post-processing of the results, in order (raymetric/postprocessing.py): query_expansion,
+    # distance_threshold. Empty: none.
+    postprocessing: list[Block] = []
 
 
 class DemoData(_Strict):
@@ -89,6 +122,25 @@ class RayConfig(_Strict):
     storage_path: str = "runs"
     name: str | None = None  # run directory name; default: "<date>_<time>_<postfix>"
     max_failures: NonNegativeInt = 0
+    # A Ray started by raymetric also starts its dashboard (web UI, State API: Ray Train's placement-group
+    # cleaner needs it). About 1 s more start-up (bench/ray_startup.py). Ignored when joining a cluster.
+    dashboard: bool = True
+
+
+class LoaderConfig(_Strict):
+    """How each Ray worker feeds its training steps (raymetric/data/loading.py). ``num_workers`` stays OML's top-level key."""
+
+    pin_memory: bool | Literal["auto"] = "auto"  # page-locked batches; auto: on a GPU
+    prefetch_factor: PositiveInt = 2  # batches each DataLoader process prepares ahead (num_workers > 0)
+    persistent_workers: bool = True  # DataLoader processes live across epochs (num_workers > 0)
+    # Where the training transforms finish. cpu: all of it in the DataLoader processes (float images travel);
+    # device: resize/crop/flip there, uint8 images travel, jitter and normalisation batched on the
+    # worker's device; auto: device on a GPU (transforms without a device form stay on the CPU).
+    augment_on: Literal["auto", "cpu", "device"] = "auto"
+    # JPEG decoding: cpu (Pillow, in the DataLoader processes) or gpu (nvJPEG, batched on the worker's GPU;
+    # the processes only read the files, and augmentation runs on the GPU). gpu needs ray.use_gpu.
+    decode: Literal["cpu", "gpu"] = "cpu"
+    look_ahead: bool = True  # on a GPU, move and finish the next batch on a side stream during the step
 
 
 class TrainConfig(_Strict):
@@ -101,27 +153,81 @@ class TrainConfig(_Strict):
     dataframe_name: str = "df.csv"
     demo_data: DemoData | None = None
     num_workers: NonNegativeInt = 2  # DataLoader processes per Ray worker
+    loader: LoaderConfig = LoaderConfig()  # pinned memory, prefetch, where images are decoded and augmented
     transforms_train: Block = Block(name="augs_torch", args={"im_size": 224})
     transforms_val: Block = Block(name="norm_resize_torch", args={"im_size": 224})
-    sampler: Block = Block(name="balance", args={"n_labels": 8, "n_instances": 4})
+    # null: plain shuffled batches of bs_train items (a global batch, split across workers)
+    sampler: Block | None = Block(name="balance", args={"n_labels": 8, "n_instances": 4})
+    bs_train: PositiveInt = 128  # global batch size when sampler is null; unused otherwise
     bs_val: PositiveInt = 128  # validation batch size per worker
     max_epochs: PositiveInt = 10
     valid_period: PositiveInt = 1  # validate every N epochs, and after the last one
     validate_untrained: bool = False  # also validate before the first step (a baseline)
     metric_args: MetricArgs = MetricArgs()
+    retrieval: RetrievalConfig = RetrievalConfig()  # how validation searches (exact either way)
     metric_for_checkpointing: str = "cmc@1"  # OML's "OVERALL/cmc/1" is accepted too
     mode_for_checkpointing: Literal["max", "min"] = "max"
     extractor: Block = Block(name="timm", args={"arch": "resnet18"})
     criterion: CriterionBlock = CriterionBlock(
         name="triplet_with_miner", args={"margin": 0.2}, miner=Block(name="hard_triplets")
     )
-    optimizer: Block = Block(name="adam", args={"lr": 1e-4})
+    optimizer: OptimizerBlock = OptimizerBlock(name="adam", args={"lr": 1e-4})
     scheduling: SchedulingConfig | None = None
+    freeze_n_epochs: NonNegativeInt = 0  # OML's key: the extractor's backbone is frozen for the first N epochs
+    gradient_clip_val: PositiveFloat | None = None  # clip the gradient norm (Lightning's name)
+    accumulate_grad_batches: PositiveInt = 1  # global batches per optimizer step (Lightning's name)
+    channels_last: bool = True  # channels-last memory format for the model and its images (GPU and CPU)
+    # Also checkpoint every N global steps inside an epoch (a multiple of accumulate_grad_batches);
+    # null: only at the end of each epoch.
+    checkpoint_every_n_steps: PositiveInt | None = None
+    # Experiment loggers (raymetric/loggers.py), OML's {name, args} or a list of them; null: none.
+    logger: list[Block] = [Block(name="tensorboard")]
+    log_images: bool = False  # also log validation's retrieval picture with the loggers (OML's key)
+    # Continue from an earlier run: its run directory (continued in place, any override applies, e.g. a
+    # larger max_epochs), or a checkpoint (a checkpoint_* folder or a state.pt; a new run starts from it).
+    resume_from: str | None = None
+    # An image that fails to decode: "error" stops the run naming the file and row; "skip" logs it,
+    # counts it (train/bad_images, val/n_bad_images) and uses another image of the same label in its
+    # place in a training batch, or leaves it out of validation.
+    on_bad_image: Literal["error", "skip"] = "error"
+    # A label found in several categories: "error", or "first" keeps its first category and logs it.
+    category_conflict: Literal["error", "first"] = "error"
+    check_images: bool = False  # decode every image once, in parallel with Ray Data, before training
     ray: RayConfig = RayConfig()
 
     @property
     def dataset_csv(self) -> str:
         return os.path.join(self.dataset_root, self.dataframe_name)
+
+
+class PictureConfig(_Strict):
+    """The stand-alone validation's picture: the worst queries and what they retrieved (as OML draws it)."""
+
+    n_queries: NonNegativeInt = 8  # rows, worst first; 0: no picture
+    n_retrieved: PositiveInt = 5  # retrieved items per row (plus the query and one missed relevant item)
+    metric: str | None = None  # per-query metric that ranks the queries; null: the first of metric_args
+    tile_size: PositiveInt = 128  # pixels per image
+
+
+class ValidateConfig(_Strict):
+    """The stand-alone validation job (jobs/validate.py): a checkpoint and a dataset, or an embeddings table."""
+
+    postfix: str = "validation"
+    # A raymetric checkpoint: its state.pt, its checkpoint_* folder, or a run folder (its latest checkpoint).
+    checkpoint: str | None = None
+    # Or a Parquet embeddings table (raymetric/embeddings.py) made elsewhere; then no model runs.
+    embeddings: str | None = None
+    # Dataset and inference settings; null: the checkpoint's (its training config).
+    dataset_root: str | None = None
+    dataframe_name: str | None = None
+    transforms_val: Block | None = None
+    bs_val: PositiveInt = 128  # images per inference batch
+    metric_args: MetricArgs | None = None  # null: the checkpoint's, else the defaults
+    retrieval: RetrievalConfig = RetrievalConfig()
+    picture: PictureConfig = PictureConfig()
+    save_embeddings: bool = True  # write the embeddings table into the run folder (with a checkpoint)
+    topk_to_save: PositiveInt | None = None  # width of the per-query top-k table; null: the largest k computed
+    ray: RayConfig = RayConfig()  # num_workers = inference actors; storage_path and name as in training
 
 
 # ---------------------------------------------------------------- loading
@@ -172,7 +278,12 @@ def apply_override(raw: dict, override: str) -> None:
 
 
 def _normalise_raw(raw: dict) -> dict:
-    """Accept OML's spellings: ``criterion.args.miner`` and ``precision: 32``."""
+    """Accept OML's spellings: ``criterion.args.miner`` and ``precision: 32``; one ``logger`` block or null."""
+    if "logger" in raw:
+        if raw["logger"] is None:
+            raw["logger"] = []
+        elif isinstance(raw["logger"], dict):
+            raw["logger"] = [raw["logger"]]
     crit = raw.get("criterion")
     if isinstance(crit, dict) and isinstance(crit.get("args"), dict) and "miner" in crit["args"]:
         if crit.get("miner") is not None:
@@ -197,17 +308,21 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def build_config(raw: dict) -> TrainConfig:
-    """Typed config from a raw dict (types and unknown keys checked; no registry checks)."""
+def build_config(raw: dict, schema: type[BaseModel] = TrainConfig) -> TrainConfig:
+    """Typed config from a raw dict (types and unknown keys checked; no registry checks).
+
+    ``schema``: ``TrainConfig`` (training) or ``ValidateConfig`` (the stand-alone validation).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
     try:
-        return TrainConfig.model_validate(_normalise_raw(raw))
+        return schema.model_validate(_normalise_raw(raw) if schema is TrainConfig else raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | None = None, overrides: Sequence[str] = (),
+                schema: type[BaseModel] = TrainConfig) -> TrainConfig:
     """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, check types."""
     raw: dict = {}
     if path is not None:
@@ -217,13 +332,38 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Train
             raw = parse_yaml(f.read()) or {}
     for override in overrides:
         apply_override(raw, override)
-    return build_config(raw)
+    return build_config(raw, schema)
 
 
 def dump_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (loadable with ``load_config``)."""
     with open(path, "w") as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+
+
+def describe_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """``key: default`` for every config key, nested sections as dotted keys (for a job's ``--help``).
+
+    >>> [line for line in describe_keys() if line.startswith(("dataset_root", "ray.num_workers"))]
+    ['dataset_root: (required)', 'ray.num_workers: 2']
+    """
+    import json
+
+    lines = []
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            lines.append(f"{prefix}{name}: (required)")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, _Strict) and not isinstance(default, Block):
+            lines += describe_keys(type(default), f"{prefix}{name}.")
+            continue
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        elif isinstance(default, list):
+            default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
+        lines.append(f"{prefix}{name}: {default if isinstance(default, str) else json.dumps(default)}")
+    return lines
 
 
 # ---------------------------------------------------------------- semantic checks
@@ -287,8 +427,11 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
     from raymetric.data.transforms import TRANSFORMS
     from raymetric.extractors import EXTRACTORS
     from raymetric.losses import CRITERIA, build_criterion
+    from raymetric.losses import RUNTIME_ARGS as CRITERION_RUNTIME_ARGS
+    from raymetric.losses import STATED_RUNTIME_ARGS
     from raymetric.miners import MINERS
     from raymetric.optim import OPTIMIZERS, SCHEDULERS
+    from raymetric.samplers import RUNTIME_ARGS as SAMPLER_RUNTIME_ARGS
     from raymetric.samplers import SAMPLERS
 
     for key in ("transforms_train", "transforms_val"):
@@ -310,35 +453,81 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
         weights = cfg.extractor.args.get("weights")
         if weights and not os.path.exists(weights):
             raise ConfigError(f"config key extractor.args.weights: file not found: {weights}")
+        if weights and os.path.isdir(weights):  # a raymetric run, checkpoint or export folder
+            from raymetric.export import ExportError, extractor_weights_file
 
-    sampler_factory = _lookup("sampler", SAMPLERS, cfg.sampler.name)
-    check_args("sampler", sampler_factory, cfg.sampler.args, provided=("labels", "world_size", "rank", "seed"))
-    n_labels = cfg.sampler.args.get("n_labels")
-    if isinstance(n_labels, int) and n_labels % cfg.ray.num_workers:
-        raise ConfigError(
-            f"config key sampler.args.n_labels={n_labels} must be divisible by ray.num_workers="
-            f"{cfg.ray.num_workers}: each global step's labels are split evenly across workers"
-        )
+            try:
+                extractor_weights_file(weights)
+            except ExportError as err:
+                raise ConfigError(f"config key extractor.args.weights: {err}") from None
+
+    workers = cfg.ray.num_workers
+    if cfg.sampler is None:
+        if cfg.bs_train % workers:
+            raise ConfigError(
+                f"config key bs_train={cfg.bs_train} must be divisible by ray.num_workers={workers}: "
+                "each global batch is split evenly across workers (sampler is null)"
+            )
+    else:
+        sampler_factory = _lookup("sampler", SAMPLERS, cfg.sampler.name)
+        check_args("sampler", sampler_factory, cfg.sampler.args, provided=SAMPLER_RUNTIME_ARGS)
+        n_labels, n_categories = cfg.sampler.args.get("n_labels"), cfg.sampler.args.get("n_categories", 1)
+        if isinstance(n_labels, int) and isinstance(n_categories, int) and (n_labels * n_categories) % workers:
+            what = f"n_labels={n_labels}" if "n_categories" not in cfg.sampler.args else (
+                f"n_categories x n_labels = {n_categories} x {n_labels}")
+            raise ConfigError(
+                f"config key sampler.args.{what} must be divisible by ray.num_workers="
+                f"{workers}: each global step's labels are split evenly across workers"
+            )
 
     crit_factory = _lookup("criterion", CRITERIA, cfg.criterion.name)
-    check_args("criterion", crit_factory, cfg.criterion.args, provided=("miner",))
+    # The run provides the embedding size and the number of labels; OML's configs also state them in
+    # criterion.args, which is accepted (the run checks them). Stand-ins run the criterion's own checks.
+    stated = {k: cfg.criterion.args.get(k, v) for k, v in {"in_features": 8, "num_classes": 2}.items()
+              if k in inspect.signature(crit_factory).parameters}
+    provided = tuple(k for k in CRITERION_RUNTIME_ARGS if k not in STATED_RUNTIME_ARGS)
+    check_args("criterion", crit_factory, stated | cfg.criterion.args, provided=provided)
     if cfg.criterion.miner is not None:
         miner_factory = _lookup("criterion.miner", MINERS, cfg.criterion.miner.name)
-        check_args("criterion.miner", miner_factory, cfg.criterion.miner.args)
+        check_args("criterion.miner", miner_factory, cfg.criterion.miner.args, provided=("seed",))
         if "miner" not in inspect.signature(crit_factory).parameters:
             raise ConfigError(f"config key criterion.miner: criterion {cfg.criterion.name!r} takes no miner")
     miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
-    _build("criterion", lambda: build_criterion(cfg.criterion.name, cfg.criterion.args, miner))
+    criterion = _build(
+        "criterion", lambda: build_criterion(cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, **stated)
+    )
 
     opt_factory = _lookup("optimizer", OPTIMIZERS, cfg.optimizer.name)
     check_args("optimizer", opt_factory, cfg.optimizer.args, provided=("params",))
     dummy = [torch.nn.Parameter(torch.zeros(1))]
     optimizer = _build("optimizer", lambda: opt_factory(dummy, **cfg.optimizer.args))
+    for group, group_args in cfg.optimizer.groups.items():
+        unknown = sorted(set(group_args) - set(optimizer.defaults))
+        if unknown:
+            raise ConfigError(
+                f"config key optimizer.groups.{group}: unknown argument(s) {unknown} for {cfg.optimizer.name}; "
+                f"accepted: {sorted(optimizer.defaults)}"
+            )
+        merged = cfg.optimizer.args | group_args
+        _build(f"optimizer.groups.{group}", lambda: opt_factory([torch.nn.Parameter(torch.zeros(1))], **merged))
     if cfg.scheduling is not None:
         block = cfg.scheduling.scheduler
         sched_factory = _lookup("scheduling.scheduler", SCHEDULERS, block.name)
         check_args("scheduling.scheduler", sched_factory, block.args, provided=("optimizer",))
         _build("scheduling.scheduler", lambda: sched_factory(optimizer, **block.args))
+    if cfg.checkpoint_every_n_steps is not None and cfg.checkpoint_every_n_steps % cfg.accumulate_grad_batches:
+        raise ConfigError(
+            f"config key checkpoint_every_n_steps={cfg.checkpoint_every_n_steps} must be a multiple of "
+            f"accumulate_grad_batches={cfg.accumulate_grad_batches}: checkpoints are taken after optimizer steps"
+        )
+    if cfg.freeze_n_epochs and cfg.extractor.name == "timm" and not list(criterion.parameters()):
+        args = cfg.extractor.args
+        if not args.get("embedding_size") and not args.get("batchnorm_neck"):
+            raise ConfigError(
+                f"config key freeze_n_epochs={cfg.freeze_n_epochs}: nothing would train while the backbone is "
+                "frozen (the extractor has no head: set extractor.args.embedding_size or batchnorm_neck, "
+                "or use a criterion with parameters such as arcface)"
+            )
 
     metric = checkpoint_metric_key(cfg)
     known = cfg.metric_args.metric_names()
@@ -347,8 +536,27 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
             f"config key metric_for_checkpointing: {cfg.metric_for_checkpointing!r} is not computed; "
             f"computed: {known} (set metric_args.*_top_k to add it)"
         )
+    from raymetric.search import check_retrieval_config
+
+    check_retrieval_config(cfg.retrieval, cfg.metric_args)
+    from raymetric.data.loading import check_loader_settings
+
+    problem = check_loader_settings(
+        cfg.loader.augment_on, cfg.loader.decode, cfg.transforms_train.name, cfg.ray.use_gpu, cfg.on_bad_image
+    )
+    if problem:
+        raise ConfigError(problem)
     if cfg.demo_data is not None:
         from raymetric.data.demo import SIZES
 
         if cfg.demo_data.size not in SIZES:
             raise ConfigError(f"config key demo_data.size: unknown size {cfg.demo_data.size!r}; known: {sorted(SIZES)}")
+
+    from raymetric.loggers import LOGGERS, missing_requirement
+
+    for i, block in enumerate(cfg.logger):
+        key = "logger" if len(cfg.logger) == 1 else f"logger[{i}]"
+        check_args(key, _lookup(key, LOGGERS, block.name), block.args, provided=("run_dir",))
+        missing = missing_requirement(block.name)
+        if missing:
+            raise ConfigError(f"config key {key}.name={block.name!r}: {missing}")

@@ -4,7 +4,9 @@ Each worker embeds its own contiguous share of the validation rows and keeps it:
 are its gallery shard. Query embeddings travel in fixed-size chunks (all-gathered in rank order),
 every worker computes the exact top-k of each chunk over its own shard, and the small per-shard
 top-k results are all-gathered and merged. Nothing of size queries x gallery exists anywhere, and no
-worker ever holds the whole gallery. Every worker ends with the same metrics.
+worker ever holds the whole gallery. ``n_gt``, the pair-distance histograms of ``fnmr@fmr`` and the
+embedding moments of ``pcf`` are sums over shards. Every worker ends with the same metrics, computed
+by the same code as the stand-alone job's (:func:`raymetric.metrics.validation_report`).
 
 Plain ``torch.distributed``; with world size 1 it is ordinary single-process retrieval.
 """
@@ -17,9 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raymetric.distributed import all_gather_nograd, all_reduce_max, all_reduce_sum, world
-from raymetric.metrics import retrieval_metrics
-from raymetric.retrieval import TopK, merge_topk, relevance, topk_shard
+from raymetric.distributed import all_gather_nograd, all_gather_variable, all_reduce_max, all_reduce_sum, world
+from raymetric.metrics import EmbeddingMoments, validation_report
+from raymetric.postprocessing import apply_postprocessing, build_postprocessors
+from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_histogram, relevance, topk_shard
+from raymetric.retrieval.candidates import resolve_score_dtype, scoring_gallery
+from raymetric.search import SearchSettings
 
 
 @dataclass
@@ -48,6 +53,10 @@ class ValidationRows:
             categories=categories,
         )
 
+    @property
+    def has_sequences(self) -> bool:
+        return bool((self.sequences != -1).any())
+
 
 def shard_rows(n_rows: int, rank: int, world_size: int) -> np.ndarray:
     """Row positions of worker ``rank``'s contiguous share (sizes differ by at most one).
@@ -69,6 +78,8 @@ def embed(model: torch.nn.Module, loader, device: torch.device, autocast_dtype=N
     model.eval()
     embs, indices = [], []
     for batch in loader:
+        if len(batch["index"]) == 0:  # every image of the batch was unreadable (on_bad_image: skip)
+            continue
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             embs.append(model(images).float())
@@ -79,81 +90,114 @@ def embed(model: torch.nn.Module, loader, device: torch.device, autocast_dtype=N
     return torch.cat(embs), torch.cat(indices).long()
 
 
-@torch.no_grad()
-def distributed_topk(
-    emb: torch.Tensor,
-    row_ids: torch.Tensor,
-    rows: ValidationRows,
-    k: int,
-    *,
-    query_chunk: int = 1024,
-) -> tuple[torch.Tensor, TopK]:
-    """Exact global top-k of every validation query over the gallery sharded across workers.
-
-    Collective: every worker calls it with its own shard.
+class DistributedSearcher:
+    """Exact top-k over a gallery sharded across workers. Every method is collective.
 
     Args:
         emb: ``[n, D]`` this worker's embeddings.
         row_ids: ``[n]`` their validation row positions (disjoint across workers).
-        rows: metadata of all validation rows.
-        k: neighbours to keep.
-        query_chunk: queries per worker per round; bounds the memory of one round.
-
-    Returns:
-        ``(query_ids [Q], topk)`` for all queries of all workers, sorted by row position; the same on
-        every worker.
+        rows: Metadata of all validation rows.
+        settings: Search settings; ``query_chunk`` queries per worker per round bound a round's memory.
     """
-    device = emb.device
-    _, world_size = world()
-    row_ids_np = row_ids.cpu().numpy()
-    labels = torch.as_tensor(rows.labels, device=device)
-    sequences = torch.as_tensor(rows.sequences, device=device)
-    is_query = torch.as_tensor(rows.is_query[row_ids_np], device=device)
-    is_gallery = torch.as_tensor(rows.is_gallery[row_ids_np], device=device)
-    row_ids = row_ids.to(device)
 
-    gallery_emb, gallery_ids = emb[is_gallery], row_ids[is_gallery]  # this worker's gallery shard
-    query_emb, query_ids = emb[is_query], row_ids[is_query]
-    n_rounds = int(all_reduce_max(torch.tensor(len(query_ids), device=device)).item())
-    n_rounds = -(-n_rounds // query_chunk)
+    def __init__(self, emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows, settings: SearchSettings):
+        device = emb.device
+        self.device, self.settings, self.dim = device, settings, emb.shape[1]
+        self.labels = torch.as_tensor(rows.labels, device=device)
+        self.sequences = torch.as_tensor(rows.sequences, device=device) if rows.has_sequences else None
+        row_ids = row_ids.to(device)
+        is_gallery = torch.as_tensor(rows.is_gallery, device=device)[row_ids]
+        self.gallery_emb, self.gallery_ids = emb[is_gallery], row_ids[is_gallery]  # this worker's gallery shard
+        dtype = torch.float32 if settings.backend == "faiss" else resolve_score_dtype(settings.score_dtype, device)
+        self.scoring = scoring_gallery(self.gallery_emb, dtype)
+        # The histogram range of fnmr@fmr: the same on every worker, and as in the stand-alone job.
+        local_max = emb.double().norm(dim=1).max() if len(emb) else torch.zeros((), dtype=torch.float64)
+        self.max_norm = float(all_reduce_max(local_max.to(device)))
 
-    out_ids, out_parts = [], []
-    for r in range(n_rounds):
-        chunk_emb = query_emb[r * query_chunk : (r + 1) * query_chunk]
-        chunk_ids = query_ids[r * query_chunk : (r + 1) * query_chunk]
-        pad = query_chunk - len(chunk_ids)  # equal shapes for the gathers
-        chunk_emb = torch.cat([chunk_emb, chunk_emb.new_zeros((pad, emb.shape[1]))])
-        chunk_ids = torch.cat([chunk_ids, chunk_ids.new_full((pad,), -1)])
-        round_emb = all_gather_nograd(chunk_emb)  # [W*C, D] queries of every worker
-        round_ids = all_gather_nograd(chunk_ids)  # [W*C], -1 = padding
-        safe = round_ids.clamp_min(0)
-        part = topk_shard(
-            round_emb,
-            gallery_emb,
-            k,
-            query_labels=torch.where(round_ids >= 0, labels[safe], -1),
-            gallery_labels=labels[gallery_ids],
-            gallery_ids=gallery_ids,
-            query_ids=round_ids,
-            query_sequences=torch.where(round_ids >= 0, sequences[safe], -1),
-            gallery_sequences=sequences[gallery_ids],
-        )
-        # Every shard's top-k for these queries, to every worker: [W, W*C, k] (small).
-        dists = all_gather_nograd(part.dist[None])
-        ids = all_gather_nograd(part.gallery_ids[None])
-        n_gt = all_gather_nograd(part.n_gt[None])
-        merged = merge_topk([TopK(dists[w], ids[w], n_gt[w]) for w in range(world_size)], k)
-        keep = round_ids >= 0
-        out_ids.append(round_ids[keep])
-        out_parts.append(TopK(merged.dist[keep], merged.gallery_ids[keep], merged.n_gt[keep]))
+    def _rounds(self, n_local: int) -> int:
+        n = int(all_reduce_max(torch.tensor(n_local, device=self.device)).item())
+        return -(-n // self.settings.query_chunk)
 
-    if not out_parts:
-        empty = TopK(torch.zeros((0, k)), torch.zeros((0, k), dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        return torch.zeros(0, dtype=torch.int64), empty
-    qids = torch.cat(out_ids)
-    order = torch.argsort(qids)
-    topk = TopK(*(torch.cat([getattr(p, f) for p in out_parts])[order] for f in ("dist", "gallery_ids", "n_gt")))
-    return qids[order], topk
+    def _gathered_chunks(self, query_emb: torch.Tensor, query_ids: torch.Tensor):
+        """Yields ``(round_emb [W*C, D], round_ids [W*C], start)``: every worker's next chunk, ``-1`` = padding."""
+        chunk = self.settings.query_chunk
+        for r in range(self._rounds(len(query_ids))):
+            chunk_emb = query_emb[r * chunk:(r + 1) * chunk]
+            chunk_ids = query_ids[r * chunk:(r + 1) * chunk]
+            pad = chunk - len(chunk_ids)  # equal shapes for the gathers
+            chunk_emb = torch.cat([chunk_emb, chunk_emb.new_zeros((pad, self.dim))])
+            chunk_ids = torch.cat([chunk_ids, chunk_ids.new_full((pad,), -1)])
+            yield all_gather_nograd(chunk_emb), all_gather_nograd(chunk_ids), r * chunk
+
+    def search(self, query_emb: torch.Tensor, query_ids: torch.Tensor) -> TopK:
+        """Exact top-k over the whole gallery of this worker's queries (``query_ids``: their rows)."""
+        rank, world_size = world()
+        chunk, k = self.settings.query_chunk, self.settings.k
+        query_ids = query_ids.to(self.device)
+        out = []
+        for round_emb, round_ids, start in self._gathered_chunks(query_emb, query_ids):
+            safe = round_ids.clamp_min(0)
+            part = topk_shard(
+                round_emb, self.gallery_emb, k,
+                query_labels=torch.where(round_ids >= 0, self.labels[safe], -1),
+                gallery_labels=self.labels[self.gallery_ids], gallery_ids=self.gallery_ids, query_ids=round_ids,
+                query_sequences=None if self.sequences is None else torch.where(round_ids >= 0, self.sequences[safe], -1),
+                gallery_sequences=None if self.sequences is None else self.sequences[self.gallery_ids],
+                scoring=self.scoring, **self.settings.shard_kwargs())
+            # Every shard's top-k for these queries, to every worker: [W, W*C, k] (small).
+            dists = all_gather_nograd(part.dist[None])
+            ids = all_gather_nograd(part.gallery_ids[None])
+            n_gt = all_gather_nograd(part.n_gt[None])
+            merged = merge_topk([TopK(dists[w], ids[w], n_gt[w]) for w in range(world_size)], k)
+            mine = slice(rank * chunk, rank * chunk + min(chunk, max(len(query_ids) - start, 0)))
+            out.append(merged[mine])
+        if not out:
+            empty = torch.zeros((0, k), device=self.device)
+            return TopK(empty, empty.long(), torch.zeros(0, dtype=torch.int64, device=self.device))
+        return TopK.cat(out)
+
+    def gallery_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[Q, n, D]`` embeddings of gallery ids ``[Q, n]`` of this worker's queries (zeros for ``-1``)."""
+        rank, _ = world()
+        ids = ids.to(self.device)
+        counts = all_gather_nograd(torch.tensor([len(ids)], device=self.device)).tolist()
+        every = all_gather_variable(ids)  # [sum Q, n] every worker's ids, in rank order
+        pos = own_rows(every.reshape(-1), self.gallery_ids)  # [sum Q * n] row in this shard, -1 elsewhere
+        found = self.gallery_emb[pos.clamp_min(0)] * (pos >= 0)[:, None].to(self.gallery_emb.dtype)
+        found = all_reduce_sum(found).view(*every.shape, self.dim)  # each id is in exactly one shard
+        start = sum(counts[:rank])
+        return found[start:start + len(ids)]
+
+    def pair_histogram(self, query_emb: torch.Tensor, query_ids: torch.Tensor, n_bins: int) -> torch.Tensor:
+        """``[2, n_bins]`` counts of every (query, gallery item) distance, summed over the workers."""
+        total = torch.zeros(2, n_bins, dtype=torch.int64, device=self.device)
+        gallery_ids = self.gallery_ids
+        for round_emb, round_ids, _ in self._gathered_chunks(query_emb, query_ids.to(self.device)):
+            real = round_ids >= 0
+            ids = round_ids[real]
+            total += pair_distance_histogram(
+                round_emb[real], self.gallery_emb, query_labels=self.labels[ids],
+                gallery_labels=self.labels[gallery_ids], max_dist=2 * self.max_norm or 1.0, n_bins=n_bins,
+                self_row=own_rows(ids, gallery_ids),
+                query_sequences=None if self.sequences is None else self.sequences[ids],
+                gallery_sequences=None if self.sequences is None else self.sequences[gallery_ids],
+                max_block_elems=self.settings.max_block_elems // 4)
+        return all_reduce_sum(total)
+
+
+def _moments(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows) -> dict[str, EmbeddingMoments]:
+    """Moments of every validation embedding, overall (``""``) and per category, summed over the workers."""
+    groups = {"": torch.ones(len(row_ids), dtype=torch.bool)}
+    if rows.categories is not None:
+        local = rows.categories[row_ids.cpu().numpy()]
+        for category in np.unique(rows.categories):  # all categories, the same order on every worker
+            groups[str(category)] = torch.as_tensor(local == category)
+    out = {}
+    for name, members in groups.items():
+        m = EmbeddingMoments.of(emb[members.to(emb.device)])
+        n = all_reduce_sum(torch.tensor(float(m.n), dtype=torch.float64, device=emb.device))
+        out[name] = EmbeddingMoments(int(n), all_reduce_sum(m.total), all_reduce_sum(m.outer))
+    return out
 
 
 def validation_metrics(
@@ -162,31 +206,45 @@ def validation_metrics(
     rows: ValidationRows,
     metric_args,
     *,
-    query_chunk: int = 1024,
+    retrieval=None,
 ) -> dict[str, float]:
     """Retrieval metrics of the validation set embedded across workers (collective; same result everywhere).
 
     Args:
+        emb: ``[n, D]`` this worker's embeddings.
+        row_ids: ``[n]`` their validation row positions.
+        rows: Metadata of all validation rows.
         metric_args: ``raymetric.config.MetricArgs``.
+        retrieval: ``raymetric.config.RetrievalConfig`` (search settings, post-processing); None: the defaults.
 
     Returns:
-        Flat keys: ``cmc@1``, ``precision@5``, ``map@5``, ..., ``<category>/cmc@1`` per category,
-        ``n_queries``, ``n_gallery``, ``n_queries_without_gt``.
+        Flat keys: ``cmc@1``, ``precision@5``, ``map@5``, ``fnmr@fmr=0.1``, ``pcf@0.5``, ...,
+        ``<category>/cmc@1`` per category, ``n_queries``, ``n_gallery``, ``n_queries_without_gt``.
     """
-    query_ids, topk = distributed_topk(emb, row_ids, rows, metric_args.max_k, query_chunk=query_chunk)
-    query_ids = query_ids.cpu()
-    is_relevant, n_retrieved = relevance(topk, rows.labels[query_ids.numpy()], rows.labels)
-    categories = rows.categories[query_ids.numpy()] if rows.categories is not None else None
-    metrics = retrieval_metrics(
-        is_relevant.cpu(),
-        n_retrieved.cpu(),
-        topk.n_gt.cpu(),
-        cmc_top_k=metric_args.cmc_top_k,
-        precision_top_k=metric_args.precision_top_k,
-        map_top_k=metric_args.map_top_k,
-        categories=categories,
-        queries_without_gt=metric_args.queries_without_gt,
+    from raymetric.config import RetrievalConfig
+
+    retrieval = retrieval or RetrievalConfig()
+    settings = SearchSettings.from_config(retrieval, metric_args.max_k, emb.device)
+    searcher = DistributedSearcher(emb, row_ids, rows, settings)
+    row_ids = row_ids.to(emb.device)
+    is_query = torch.as_tensor(rows.is_query, device=emb.device)[row_ids]
+    query_emb, query_ids = emb[is_query], row_ids[is_query]
+    topk = searcher.search(query_emb, query_ids)
+    topk = apply_postprocessing(build_postprocessors(retrieval.postprocessing), query_emb, query_ids, topk, searcher)
+
+    # Every worker's queries and results, in row order, on every worker (Q x k: small).
+    all_ids = all_gather_variable(query_ids)
+    order = torch.argsort(all_ids)
+    merged = TopK(all_gather_variable(topk.dist)[order], all_gather_variable(topk.gallery_ids)[order],
+                  all_gather_variable(topk.n_gt)[order])
+    all_ids = all_ids[order].cpu().numpy()
+    is_relevant, n_retrieved = relevance(merged, rows.labels[all_ids], rows.labels)
+    histogram = searcher.pair_histogram(query_emb, query_ids, metric_args.fmr_bins) if metric_args.fmr_vals else None
+    moments = _moments(emb, row_ids, rows) if metric_args.pcf_variance else None
+    metrics = validation_report(
+        is_relevant.cpu(), n_retrieved.cpu(), merged.n_gt.cpu(), metric_args,
+        categories=rows.categories[all_ids] if rows.categories is not None else None,
+        pair_histogram=None if histogram is None else histogram.cpu(), moments=moments,
     )
-    n_gallery = all_reduce_sum(torch.tensor(int(rows.is_gallery[row_ids.cpu().numpy()].sum())))
-    metrics["n_gallery"] = int(n_gallery.item())
+    metrics["n_gallery"] = int(all_reduce_sum(torch.tensor(len(searcher.gallery_ids), device=emb.device)).item())
     return metrics

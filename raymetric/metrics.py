@@ -11,17 +11,24 @@ OML's corner cases are kept in the per-query functions: nothing retrieved and ``
 nothing retrieved and ``n_gt > 0`` gives 0.0, items retrieved but ``n_gt == 0`` gives cmc 0, map 0 and
 precision NaN. :func:`retrieval_metrics` decides what to do with queries without relevant items.
 
+Beyond the top-k: ``fnmr@fmr`` (OML's definition, read off pair-distance histograms instead of a full
+ranking, :func:`fnmr_at_fmr`) and ``pcf`` (principal components fraction, from embedding moments that add
+up across shards, :class:`EmbeddingMoments`). :func:`validation_report` assembles every metric into the
+flat dict that validation inside training and the stand-alone job both report.
+
 All inputs are array-likes (torch tensors or NumPy arrays); per-query results are float64 tensors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["cmc_at_k", "precision_at_k", "map_at_k", "retrieval_metrics"]
+__all__ = ["cmc_at_k", "precision_at_k", "map_at_k", "per_query_metrics", "retrieval_metrics", "fnmr_at_fmr",
+           "EmbeddingMoments", "validation_report"]
 
 
 def _prepare(is_relevant, n_retrieved, n_gt, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +137,32 @@ def _mean_block(values: dict[str, torch.Tensor], use: torch.Tensor, n_without_gt
     return out
 
 
+def per_query_metrics(
+    is_relevant,
+    n_retrieved,
+    n_gt,
+    *,
+    cmc_top_k: Sequence[int] = (1, 5),
+    precision_top_k: Sequence[int] = (5,),
+    map_top_k: Sequence[int] = (5,),
+) -> dict[str, torch.Tensor]:
+    """Every requested metric for every query (OML's per-query values, NaN precision included).
+
+    Returns:
+        ``{"cmc@1": [Q] float64, ..., "precision@5": ..., "map@5": ...}`` in that order.
+
+    Example:
+        >>> per_query_metrics([[0, 1], [1, 0]], [2, 2], [1, 1], cmc_top_k=(1,), precision_top_k=(), map_top_k=(2,))
+        {'cmc@1': tensor([0., 1.], dtype=torch.float64), 'map@2': tensor([0.5000, 1.0000], dtype=torch.float64)}
+    """
+    per_query: dict[str, torch.Tensor] = {}  # name -> [Q]
+    for name, fn, ks in (("cmc", cmc_at_k, cmc_top_k), ("precision", precision_at_k, precision_top_k),
+                         ("map", map_at_k, map_top_k)):
+        for k in ks:
+            per_query[f"{name}@{k}"] = fn(is_relevant, n_retrieved, n_gt, int(k))
+    return per_query
+
+
 def retrieval_metrics(
     is_relevant,
     n_retrieved,
@@ -175,11 +208,8 @@ def retrieval_metrics(
     """
     if queries_without_gt not in ("exclude", "oml"):
         raise ValueError(f'queries_without_gt must be "exclude" or "oml", got {queries_without_gt!r}')
-    per_query: dict[str, torch.Tensor] = {}  # name -> [Q]
-    for name, fn, ks in (("cmc", cmc_at_k, cmc_top_k), ("precision", precision_at_k, precision_top_k),
-                         ("map", map_at_k, map_top_k)):
-        for k in ks:
-            per_query[f"{name}@{k}"] = fn(is_relevant, n_retrieved, n_gt, int(k))
+    per_query = per_query_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=cmc_top_k,
+                                  precision_top_k=precision_top_k, map_top_k=map_top_k)
 
     is_relevant = torch.as_tensor(is_relevant)
     n_query = is_relevant.shape[0]
@@ -200,4 +230,183 @@ def retrieval_metrics(
         for category in np.unique(categories):
             members = torch.as_tensor(categories == category, device=no_gt.device)  # [Q]
             out.update(block(members, f"{category}/"))
+    return out
+
+
+def fmr_key(fmr: float) -> str:
+    """Flat key of ``fnmr@fmr`` at one false match rate (OML nests it as ``fnmr@fmr/<fmr>``).
+
+    >>> fmr_key(0.1), fmr_key(1e-3)
+    ('fnmr@fmr=0.1', 'fnmr@fmr=0.001')
+    """
+    return f"fnmr@fmr={fmr:g}"
+
+
+def pcf_key(variance: float) -> str:
+    """Flat key of ``pcf`` at one explained-variance share.
+
+    >>> pcf_key(0.5)
+    'pcf@0.5'
+    """
+    return f"pcf@{variance:g}"
+
+
+def fnmr_at_fmr(histogram, fmr_vals: Sequence[float]) -> dict[str, float]:
+    """False non-match rate at given false match rates, from pair-distance histograms.
+
+    OML's definition: the threshold is the ``fmr`` quantile (NumPy's linear interpolation) of the
+    distances of all non-relevant (query, gallery item) pairs, and FNMR is the share of relevant pairs
+    at or above it. Here both come from ``[2, n_bins]`` counts in equal bins
+    (:func:`raymetric.retrieval.pair_distance_histogram`), with the pairs assumed evenly spread inside
+    a bin: the threshold is off by at most one bin width, and FNMR by at most the share of relevant
+    pairs whose distance lies within a bin width of the threshold. With no relevant or no
+    non-relevant pair the value is 0.0.
+
+    Args:
+        histogram: ``[2, n_bins]`` counts; row 0 non-relevant pairs, row 1 relevant pairs.
+        fmr_vals: False match rates in ``[0, 1]``.
+
+    Returns:
+        ``{"fnmr@fmr=<fmr>": value}``.
+
+    Example:
+        >>> # OML's docstring example: positives [0,0,1,1,2,2,5,5,9,9], negatives [3,3,4,4,6,6,7,7,8,8]
+        >>> hist = torch.zeros(2, 100, dtype=torch.long)
+        >>> for d in [3, 3, 4, 4, 6, 6, 7, 7, 8, 8]: hist[0, d * 10] += 1
+        >>> for d in [0, 0, 1, 1, 2, 2, 5, 5, 9, 9]: hist[1, d * 10] += 1
+        >>> {k: round(v, 2) for k, v in fnmr_at_fmr(hist, [0.1, 0.5]).items()}  # OML: 0.4, 0.2
+        {'fnmr@fmr=0.1': 0.4, 'fnmr@fmr=0.5': 0.2}
+    """
+    histogram = torch.as_tensor(histogram).to(torch.float64).cpu()
+    neg, pos = histogram[0], histogram[1]  # [n_bins]
+    n_neg, n_pos = float(neg.sum()), float(pos.sum())
+    cum = neg.cumsum(0)  # [n_bins]
+    out = {}
+    for fmr in fmr_vals:
+        if not 0.0 <= fmr <= 1.0:
+            raise ValueError(f"fmr values must be in [0, 1], got {fmr}")
+        if n_neg == 0 or n_pos == 0:
+            out[fmr_key(fmr)] = 0.0
+            continue
+        rank = (n_neg - 1) * fmr  # fractional 0-based order statistic, as np.quantile(method="linear")
+        b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=torch.float64), right=True).clamp_max(len(cum) - 1))
+        before = float(cum[b] - neg[b])
+        inside = min(max((rank - before + 0.5) / float(neg[b]), 0.0), 1.0)  # where in bin b the threshold falls
+        above = float(pos[b + 1:].sum()) + float(pos[b]) * (1.0 - inside)
+        out[fmr_key(fmr)] = above / n_pos  # the threshold itself sits at (b + inside) bin widths
+    return out
+
+
+@dataclass
+class EmbeddingMoments:
+    """Count, sum and sum of outer products of embeddings (float64): enough for PCA, and additive.
+
+    Shards and workers each accumulate their own and add them up, so ``pcf`` over all validation
+    embeddings never needs them in one place.
+    """
+
+    n: int
+    total: torch.Tensor  # [D]
+    outer: torch.Tensor  # [D, D]
+
+    @classmethod
+    def of(cls, emb, rows_per_block: int = 65536) -> "EmbeddingMoments":
+        """The moments of ``[N, D]`` embeddings (in blocks: no float64 copy of them all)."""
+        emb = torch.as_tensor(emb)
+        dim = emb.shape[1]
+        total = torch.zeros(dim, dtype=torch.float64, device=emb.device)
+        outer = torch.zeros(dim, dim, dtype=torch.float64, device=emb.device)
+        for start in range(0, len(emb), rows_per_block):
+            block = emb[start:start + rows_per_block].to(torch.float64)
+            total += block.sum(0)
+            outer += block.T @ block
+        return cls(len(emb), total, outer)
+
+    def __add__(self, other: "EmbeddingMoments") -> "EmbeddingMoments":
+        return EmbeddingMoments(self.n + other.n, self.total + other.total.to(self.total.device),
+                                self.outer + other.outer.to(self.outer.device))
+
+    def pcf(self, variances: Sequence[float]) -> list[float]:
+        """Principal components fraction: components needed to explain each share of the variance, / D.
+
+        OML's definition: with the covariance eigenvalues ``l_1 >= ... >= l_m`` (``m = min(n, D)``,
+        as many as the centred data's singular values), the count is the largest ``c`` with
+        ``sum(l_1..l_{c-1}) / sum(l) <= variance``. NaN for fewer than two embeddings or zero variance.
+
+        Example:
+            >>> EmbeddingMoments.of(torch.eye(4, 10)).pcf([0.5, 1.0])  # OML's docstring: 0.2, 0.5
+            [0.2, 0.5]
+        """
+        dim = self.total.shape[0]
+        for v in variances:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"pcf variances must be in [0, 1], got {v}")
+        if self.n < 2:
+            return [float("nan")] * len(variances)
+        mean = self.total / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)  # [D, D]
+        # NumPy's LAPACK: torch's first eigvalsh call spends ~1 s initialising MKL.
+        eigenvalues = torch.from_numpy(np.linalg.eigvalsh(cov.cpu().numpy())).flip(0).clamp_min(0)[: min(self.n, dim)]
+        if float(eigenvalues.sum()) <= 0:
+            return [float("nan")] * len(variances)
+        cumulative = eigenvalues.cumsum(0)
+        cumulative = cumulative / cumulative[-1]  # ends at exactly 1
+        # 1e-12: shares equal to the target up to float64 noise count as reaching it.
+        counts = torch.searchsorted(cumulative, torch.tensor(variances, dtype=torch.float64) + 1e-12, right=True) + 1
+        return [int(c) / dim for c in counts]
+
+
+def validation_report(
+    is_relevant,
+    n_retrieved,
+    n_gt,
+    metric_args,
+    *,
+    categories: Sequence | None = None,
+    pair_histogram=None,
+    moments: dict[str, EmbeddingMoments] | None = None,
+) -> dict[str, float]:
+    """Every validation metric as one flat dict: the keys training logs and the stand-alone job writes.
+
+    Args:
+        is_relevant: ``[Q, K]`` relevance of the merged top-k (:func:`raymetric.retrieval.relevance`).
+        n_retrieved: ``[Q]``.
+        n_gt: ``[Q]``.
+        metric_args: ``raymetric.config.MetricArgs``.
+        categories: ``[Q]`` category of each query, or None.
+        pair_histogram: ``[2, n_bins]`` pair-distance counts, needed when ``metric_args.fmr_vals`` is set.
+        moments: Embedding moments of all validation items, ``""`` for all of them and one entry per
+            category; needed when ``metric_args.pcf_variance`` is set.
+
+    Returns:
+        ``cmc@k``, ``precision@k``, ``map@k``, ``fnmr@fmr=<fmr>``, ``pcf@<variance>``, ``n_queries``,
+        ``n_queries_without_gt``, then ``<category>/<metric>`` blocks (without fnmr, as in OML).
+    """
+    metrics = retrieval_metrics(
+        is_relevant, n_retrieved, n_gt,
+        cmc_top_k=metric_args.cmc_top_k,
+        precision_top_k=metric_args.precision_top_k,
+        map_top_k=metric_args.map_top_k,
+        categories=categories,
+        queries_without_gt=metric_args.queries_without_gt,
+    )
+    extra: dict[str, dict[str, float]] = {"": {}}  # prefix -> keys to insert before the counts
+    if metric_args.fmr_vals:
+        if pair_histogram is None:
+            raise ValueError("metric_args.fmr_vals is set but no pair histogram was computed")
+        extra[""].update(fnmr_at_fmr(pair_histogram, metric_args.fmr_vals))
+    if metric_args.pcf_variance:
+        if moments is None:
+            raise ValueError("metric_args.pcf_variance is set but no embedding moments were computed")
+        for prefix, m in moments.items():
+            block = dict(zip(map(pcf_key, metric_args.pcf_variance), m.pcf(metric_args.pcf_variance)))
+            extra.setdefault(f"{prefix}/" if prefix else "", {}).update(block)
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        prefix = key[: key.rfind("/") + 1]
+        if key.endswith("/n_queries") or key == "n_queries":
+            out.update({prefix + name: v for name, v in extra.pop(prefix, {}).items()})
+        out[key] = value
+    for prefix, block in extra.items():  # categories with embeddings but no queries
+        out.update({prefix + k: v for k, v in block.items()})
     return out

@@ -1,8 +1,15 @@
 """Training on Ray Train: the driver (``fit``) and the recipe every worker runs (``train_loop_per_worker``).
 
 The recipe reads top to bottom: set up data, model, loss and optimizer, restore a checkpoint if Ray
-hands one over, then train, validate, checkpoint and report once per epoch. It is the same code at
-every world size; with one worker the gathers are no-ops and there is no DDP wrapper.
+hands one over, then train, validate, checkpoint and report once per epoch (and, if asked, every N
+steps). It is the same code at every world size; with one worker the gathers are no-ops and there is
+no DDP wrapper. The step itself (gather, mine, loss, backward, accumulation) is ``raymetric.step``.
+
+A checkpoint holds everything needed to continue exactly: extractor, criterion (loss parameters and
+the miner's memory bank), optimizer, scheduler, the sampler's position (epoch and global step), the
+train logs of a partial epoch, every rank's RNG states, the best metric so far and the config. The
+best-by-metric checkpoint is written, atomically, to ``<run_dir>/best/state.pt`` besides Ray's latest
+ones.
 """
 
 from __future__ import annotations
@@ -21,20 +28,36 @@ import torch
 
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
-from raymetric.config import TrainConfig, check_config, checkpoint_metric_key, dump_config
+from raymetric.checkpoint import (
+    BEST_DIR,
+    STATE_FILE,
+    capture_rng,
+    config_mismatches,
+    load_state,
+    resume_target,
+    state_mismatches,
+    restore_rng,
+    restore_training_state,
+    save_atomic,
+    seed_everything,
+    step_seed,
+    training_state,
+)
+from raymetric.config import ConfigError, TrainConfig, check_config, checkpoint_metric_key, dump_config
 from raymetric.data.csv import load_dataset_csv, remap_labels
-from raymetric.data.dataset import ImageDataset
+from raymetric.data.dataset import ImageDataset, collate_dropping, collate_substituting
+from raymetric.data.loading import DeviceBatches, build_train_input, loader_kwargs, pin_memory_for
 from raymetric.data.transforms import build_transforms
-from raymetric.distributed import all_gather_nograd, all_gather_with_grad
+from raymetric.distributed import all_reduce_sum, world
 from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics
 from raymetric.extractors import build_extractor
-from raymetric.losses import build_criterion, reduce_loss
-from raymetric.optim import build_optimizer, build_scheduler
-from raymetric.samplers import build_sampler, check_balance_args
+from raymetric.losses import build_criterion
+from raymetric.optim import build_lr_schedule, build_optimizer, extractor_param_groups, param_groups, set_trainable
+from raymetric.samplers import GlobalPlanSampler, build_sampler
+from raymetric.step import micro_step, wrap_ddp
 
-STATE_FILE = "state.pt"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -71,16 +94,64 @@ def prepare_run(cfg: TrainConfig, extractors: dict | None = None) -> tuple[Train
         spec = SIZES[cfg.demo_data.size]
         spec = type(spec)(**{**spec.__dict__, "seed": cfg.demo_data.seed})
         ensure_demo(cfg.dataset_root, spec)
-    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=True)
-    train_labels = df.loc[df["split"] == "train", "label"].to_numpy()
-    check_balance_args(train_labels, **cfg.sampler.args, world_size=cfg.ray.num_workers)
+    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=True, category_conflict=cfg.category_conflict)
+    train_df = df[df["split"] == "train"]
+    build_train_sampler(cfg, train_df, cfg.ray.num_workers, rank=0)  # raises SamplerError naming the numbers
+    labels, _ = remap_labels(train_df["label"])
+    miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
+    # The embedding size only matters when the config states it (OML's in_features): then build the extractor.
+    in_features = cfg.criterion.args.get("in_features")
+    if in_features is not None:
+        in_features = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors).feat_dim
+    try:  # the criterion's checks with the run's numbers (ArcFace: the number of labels)
+        criterion = build_criterion(
+            cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=in_features or 8,
+            num_classes=int(labels.max()) + 1 if len(labels) else 0, label2category=_label2category(train_df, labels),
+        )
+    except ValueError as err:
+        raise ConfigError(f"config key criterion (with this dataset and extractor): {err}") from None
+    if cfg.resume_from:
+        cfg = cfg.model_copy(update={"resume_from": os.path.abspath(cfg.resume_from)})
+        check_resume(cfg, extractors, num_classes=int(labels.max()) + 1 if len(labels) else 0, train_df=train_df)
     return cfg, df
+
+
+def check_resume(cfg: TrainConfig, extractors: dict | None, *, num_classes: int, train_df: pd.DataFrame) -> str:
+    """The ``state.pt`` that ``resume_from`` resumes, after checking it fits this config (on the driver).
+
+    Raises ConfigError naming every mismatch: a structural config key (extractor, criterion, miner,
+    optimizer, scheduler) or a tensor missing, unexpected or of another shape.
+    """
+    from raymetric.export import ExportError, find_checkpoint
+
+    try:
+        kind, target = resume_target(cfg.resume_from)
+        state_path = target if kind == "checkpoint" else find_checkpoint(target, "latest")
+    except (FileNotFoundError, ExportError) as err:
+        raise ConfigError(f"config key resume_from: {err}") from None
+    state = load_state(state_path)  # weights_only: a checkpoint runs no code when loaded
+    if "config" not in state or "model" not in state:
+        raise ConfigError(f"config key resume_from: {state_path} is not a raymetric training checkpoint")
+    problems = config_mismatches(state["config"], cfg.model_dump(mode="json"))
+    if not problems:  # same blocks: compare the tensors themselves (an embedding size, a class count)
+        torch.manual_seed(cfg.seed)
+        extractor = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors)
+        labels, _ = remap_labels(train_df["label"])
+        miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
+        criterion = build_criterion(
+            cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=extractor.feat_dim,
+            num_classes=num_classes, label2category=_label2category(train_df, labels),
+        )
+        problems = state_mismatches(state["model"], extractor, "model")
+        problems += state_mismatches(state["criterion"], criterion, "criterion")
+    if problems:
+        listed = "\n  - ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ConfigError(f"config key resume_from: {state_path} does not fit this config:\n  - {listed}")
+    return state_path
 
 
 def check_cluster_resources(cfg: TrainConfig) -> None:
     """Refuse a request the running cluster cannot hold, instead of waiting for resources forever."""
-    from raymetric.config import ConfigError
-
     total = ray.cluster_resources()
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
@@ -129,12 +200,16 @@ def make_trainer(
 
     ``run_dir`` must be ``<cfg.ray.storage_path>/<name>``: Ray keeps its checkpoints there, and a
     second fit with the same directory resumes from them. ``callbacks``: more Ray Train
-    ``UserCallback``s (Tune's report forwarding, loggers).
+    ``UserCallback``s (Tune's report forwarding). The config's ``logger`` entries are added here,
+    as a callback; a caller that runs the trainer itself ends their run with
+    ``raymetric.progress.watch_run`` (or leaves an MLflow run marked running).
     """
+    from raymetric.progress import logger_callbacks
+
     storage_path, name = os.path.split(os.path.abspath(run_dir))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "extractors": extractors, "quiet": quiet},
+        train_loop_config={"cfg": cfg.model_dump(), "extractors": extractors, "quiet": quiet, "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -147,9 +222,35 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # controller_failure_limit=0: a group that cannot start fails instead of retrying forever.
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures, controller_failure_limit=0),
-            callbacks=[HistoryCallback(os.path.join(run_dir, HISTORY_FILE)), *(callbacks or [])],
+            callbacks=[
+                HistoryCallback(os.path.join(run_dir, HISTORY_FILE)),
+                *logger_callbacks(cfg, run_dir),
+                *(callbacks or []),
+            ],
         ),
     )
+
+
+def resume_run_dir(cfg: TrainConfig) -> str | None:
+    """The run directory that ``resume_from`` continues in place, or None.
+
+    Ray: a TorchTrainer whose run directory holds a run snapshot resumes from that run's latest
+    registered checkpoint. The new config replaces ``config.yaml`` (the old one is kept as
+    ``config.<n>.yaml``) and ``history.jsonl`` records the resumption.
+    """
+    if not cfg.resume_from or resume_target(cfg.resume_from)[0] != "run":
+        return None
+    run_dir = cfg.resume_from
+    old = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.exists(old):
+        n = 1
+        while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
+            n += 1
+        os.replace(old, os.path.join(run_dir, f"config.{n}.yaml"))
+    dump_config(cfg, old)
+    with open(os.path.join(run_dir, HISTORY_FILE), "a") as f:
+        f.write(json.dumps({"time": time.time(), "event": "resumed", "max_epochs": cfg.max_epochs}) + "\n")
+    return run_dir
 
 
 def new_run_dir(cfg: TrainConfig) -> str:
@@ -161,175 +262,318 @@ def new_run_dir(cfg: TrainConfig) -> str:
     return run_dir
 
 
-def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False) -> RunResult:
+def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False, verbose: bool = False) -> RunResult:
     """Check everything on the driver, train on Ray Train, write the run directory.
 
     Args:
         cfg: the typed config.
         extractors: extra extractor classes by name (a user's own ``nn.Module``s), usable in
             ``extractor.name``.
-        quiet: no per-epoch lines from the workers.
+        quiet: no per-epoch lines (CI).
+        verbose: also show Ray's own log lines (workers, Train controller) on this console; by
+            default they stay in Ray's log files and the driver prints one line per epoch.
     """
+    from raymetric.progress import watch_run
     from raymetric.ray_env import init_ray
 
-    cfg, _ = prepare_run(cfg, extractors)
-    init_ray(quiet=quiet)
+    cfg, df = prepare_run(cfg, extractors)
+    dashboard_url = init_ray(quiet=quiet, verbose=verbose, dashboard=cfg.ray.dashboard)
     check_cluster_resources(cfg)
-    run_dir = new_run_dir(cfg)
-    result = make_trainer(cfg, run_dir, extractors=extractors, quiet=quiet).fit()
+    if cfg.check_images:
+        from raymetric.data.check_images import check_images
+
+        check_images(df)  # Ray Data: decode every image once; raises DatasetError naming the rows
+    run_dir = resume_run_dir(cfg) or new_run_dir(cfg)
+    if not quiet:
+        print(f"run directory: {run_dir}" + (f"  (Ray dashboard: {dashboard_url})" if dashboard_url else ""), flush=True)
+    # quiet=True for the workers: the driver prints the progress line itself (watch_run).
+    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True)
+    with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=quiet):
+        result = trainer.fit()
     metrics = (result.return_value or {}).get("val") or {}
     with open(os.path.join(run_dir, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2)
     return RunResult(run_dir, metrics, result.checkpoint.path if result.checkpoint else None)
 
 
+def describe_failure(err: BaseException) -> str:
+    """One readable line per failed worker (their own exception), instead of Ray's wrapped traceback.
+
+    Ray: ``fit()`` raises ``WorkerGroupError`` (``worker_failures``: rank -> exception) or
+    ``ControllerError`` (``controller_failure``) once ``ray.max_failures`` restarts are spent.
+    """
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        return "; ".join(f"worker {rank}: {type(e).__name__}: {e}".splitlines()[0] for rank, e in sorted(failures.items()))
+    cause = getattr(err, "controller_failure", None) or err
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
 # ---------------------------------------------------------------- worker recipe
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Augmentations and DataLoader worker seeds depend on (seed, epoch, rank) only, so a resumed
-    # run draws the same random numbers as an uninterrupted one.
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+@dataclass
+class TrainData:
+    """A worker's data: its train loader (with the distributed sampler) and its validation shard."""
+
+    train_loader: torch.utils.data.DataLoader
+    train_batches: DeviceBatches  # the train loader's batches on the device, finished (raymetric/data/loading.py)
+    sampler: GlobalPlanSampler
+    val_loader: torch.utils.data.DataLoader
+    val_rows: ValidationRows
+    my_val_rows: np.ndarray
+    num_classes: int
+    label2category: dict[int, str] | None
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def build_train_sampler(cfg: TrainConfig, train_df: pd.DataFrame, world_size: int, rank: int) -> GlobalPlanSampler:
+    """The configured sampler over the train split (plain shuffled batches when ``sampler`` is null).
+
+    The driver builds it too (rank 0), so impossible settings fail before any worker starts.
+    """
+    labels, _ = remap_labels(train_df["label"])
+    categories = train_df["category"].astype(str).to_numpy() if "category" in train_df else None
+    name, args = (cfg.sampler.name, cfg.sampler.args) if cfg.sampler else (None, {"batch_size": cfg.bs_train})
+    return build_sampler(name, labels, args, world_size=world_size, rank=rank, seed=cfg.seed, categories=categories)
+
+
+def _label2category(train_df: pd.DataFrame, labels: np.ndarray) -> dict[int, str] | None:
+    if "category" not in train_df:
+        return None
+    return dict(zip(labels.tolist(), train_df["category"].astype(str).tolist()))
+
+
+def setup_data(
+    cfg: TrainConfig, rank: int, world_size: int, use_gpu: bool, device: torch.device | None = None
+) -> TrainData:
+    """Loaders of one worker. The driver has checked the CSV; workers only re-read it."""
+    device = device or torch.device("cuda" if use_gpu else "cpu")
+    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False, category_conflict=cfg.category_conflict)
+    train_df = df[df["split"] == "train"]
+    val_df = df[df["split"] == "validation"].reset_index(drop=True)
+    train_labels, _ = remap_labels(train_df["label"])
+    skip = cfg.on_bad_image == "skip"
+    # Decoded and augmented in the DataLoader processes, or finished on the device (cfg.loader).
+    train_set, to_device, collate = build_train_input(
+        train_df, train_labels, (cfg.transforms_train.name, cfg.transforms_train.args), device=device,
+        augment_on=cfg.loader.augment_on, decode=cfg.loader.decode, on_bad_image=cfg.on_bad_image,
+    )
+    sampler = build_train_sampler(cfg, train_df, world_size, rank)
+    loader_args = loader_kwargs(
+        cfg.num_workers, pin_memory_for(cfg.loader.pin_memory, device.type), cfg.loader.prefetch_factor,
+        cfg.loader.persistent_workers,
+    )
+    # Not ray.train.torch.prepare_data_loader: it would replace the batch sampler with a DistributedSampler.
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=collate or (collate_substituting if skip else None), **loader_args
+    )
+    my_val_rows = shard_rows(len(val_df), rank, world_size)
+    val_set = ImageDataset(
+        val_df.iloc[my_val_rows], build_transforms(cfg.transforms_val.name, cfg.transforms_val.args),
+        on_bad_image=cfg.on_bad_image,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=cfg.bs_val, shuffle=False, collate_fn=collate_dropping if skip else None, **loader_args
+    )
+    return TrainData(
+        train_loader, DeviceBatches(train_loader, to_device, cfg.loader.look_ahead), sampler, val_loader,
+        ValidationRows.from_frame(val_df), my_val_rows,
+        num_classes=int(train_labels.max()) + 1, label2category=_label2category(train_df, train_labels),
+    )
 
 
 def _format_epoch_line(epoch: int, max_epochs: int, metrics: dict, key: str, eta_s: float) -> str:
-    line = (
-        f"epoch {epoch}/{max_epochs}  loss {metrics['train/loss']:.4f}  "
-        f"active {metrics.get('train/active_triplets', float('nan')):.2f}  "
-        f"{metrics['train/images_per_s']:.0f} img/s"
-    )
+    line = f"epoch {epoch}/{max_epochs}  loss {metrics['train/loss']:.4f}"
+    for name, short in (("train/active_triplets", "active"), ("train/accuracy", "acc")):
+        if name in metrics:
+            line += f"  {short} {metrics[name]:.2f}"
+    line += f"  {metrics['train/images_per_s']:.0f} img/s"
     if f"val/{key}" in metrics:
         line += f"  val/{key} {metrics[f'val/{key}']:.4f}"
     return line + f"  eta {eta_s / 60:.1f} min"
 
 
+def _all_ranks(obj):
+    """``[obj of rank 0, ..., obj of rank W-1]``; a collective when there are several workers."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
-    """What every Ray Train worker runs. Ray: every rank reports every epoch, or the run hangs."""
+    """What every Ray Train worker runs. Ray: every rank reports at every report point, or the run hangs."""
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = get_device()
+    device = get_device()  # Ray: the GPU Ray assigned to this worker, or the CPU
     use_gpu = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" and use_gpu) else None
+    channels_last = cfg.channels_last  # on CPUs too: oneDNN's convolutions run 5-10% faster (bench/train_throughput.py)
     metric_key = checkpoint_metric_key(cfg)
     sign = 1.0 if cfg.mode_for_checkpointing == "max" else -1.0
+    run_dir, quiet = loop_config.get("run_dir"), loop_config.get("quiet")
 
-    # -- data (the driver has checked the CSV; workers only re-read it)
-    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False)
-    train_df = df[df["split"] == "train"]
-    val_df = df[df["split"] == "validation"].reset_index(drop=True)
-    train_labels, _ = remap_labels(train_df["label"])
-    train_set = ImageDataset(train_df, build_transforms(cfg.transforms_train.name, cfg.transforms_train.args), labels=train_labels)
-    sampler = build_sampler(
-        cfg.sampler.name, train_labels, cfg.sampler.args, world_size=world_size, rank=rank, seed=cfg.seed
-    )
-    loader_args = {"num_workers": cfg.num_workers, "pin_memory": use_gpu, "persistent_workers": cfg.num_workers > 0}
-    # Not ray.train.torch.prepare_data_loader: it would replace the P x K batch sampler with a DistributedSampler.
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_args)
-    val_rows = ValidationRows.from_frame(val_df)
-    my_val_rows = shard_rows(len(val_df), rank, world_size)
-    val_set = ImageDataset(val_df.iloc[my_val_rows], build_transforms(cfg.transforms_val.name, cfg.transforms_val.args))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.bs_val, shuffle=False, **loader_args)
+    # -- data
+    data = setup_data(cfg, rank, world_size, use_gpu, device)
+    sampler = data.sampler
 
-    # -- model, loss, optimizer
-    torch.manual_seed(cfg.seed)  # the same initial weights at every world size
-    model = prepare_model(build_extractor(cfg.extractor.name, cfg.extractor.args, loop_config.get("extractors")))
+    # -- model, loss, optimizer (the same initial weights at every world size)
+    torch.manual_seed(cfg.seed)
+    extractor = build_extractor(cfg.extractor.name, cfg.extractor.args, loop_config.get("extractors")).to(device)
+    if channels_last:
+        extractor = extractor.to(memory_format=torch.channels_last)
     miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
-    criterion = build_criterion(cfg.criterion.name, cfg.criterion.args, miner).to(device)
-    params = list(model.parameters()) + list(criterion.parameters())
-    optimizer = build_optimizer(cfg.optimizer.name, params, cfg.optimizer.args)
-    scheduler = build_scheduler(cfg.scheduling.scheduler.name, optimizer, cfg.scheduling.scheduler.args) if cfg.scheduling else None
+    criterion = build_criterion(
+        cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=extractor.feat_dim,
+        num_classes=data.num_classes, label2category=data.label2category,
+    ).to(device)
+    groups = param_groups(extractor, criterion, cfg.optimizer.groups)  # backbone, head, loss
+    optimizer = build_optimizer(cfg.optimizer.name, groups, cfg.optimizer.args)
+    scheduling = cfg.scheduling
+    scheduler = None
+    if scheduling is not None:
+        block = scheduling.scheduler
+        scheduler = build_lr_schedule(block.name, optimizer, block.args, scheduling.warmup, scheduling.warmup_start_factor)
 
-    # -- resume
-    start_epoch, best, last_val = 0, None, {}
-    checkpoint = ray.train.get_checkpoint()  # None on the first attempt; the latest registered one after a restart
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, last_val = state["epoch"], state["best"], state["last_val"]
-
-    def validate() -> dict:
-        emb, index = embed(_unwrap(model), val_loader, device, autocast_dtype)
-        row_ids = torch.as_tensor(my_val_rows, dtype=torch.int64)[index]
-        return validation_metrics(emb, row_ids, val_rows, cfg.metric_args)
-
-    if cfg.validate_untrained and start_epoch == 0:
-        last_val = validate()
-        ray.train.report({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()})
-        if rank == 0 and not loop_config.get("quiet"):
-            print(f"epoch 0/{cfg.max_epochs}  untrained  val/{metric_key} {last_val.get(metric_key, float('nan')):.4f}", flush=True)
-
-    started = time.time()
-    for epoch in range(start_epoch, cfg.max_epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
-        model.train()
-        epoch_start = time.time()
-        sums: dict[str, float] = {}
-        n_steps = 0
-        for batch in train_loader:
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_dtype is not None):
-                emb = model(images)
-            emb = emb.float()
-            # Mine over the global batch: gathered in rank order with autograd, anchors stay local.
-            ref_emb = all_gather_with_grad(emb)  # [W*B, D]
-            ref_labels = all_gather_nograd(labels)  # [W*B]
-            anchor_ref_index = rank * len(emb) + torch.arange(len(emb), device=device)
-            loss, logs = reduce_loss(criterion(emb, labels, ref_emb, ref_labels, anchor_ref_index))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n_steps += 1
-            if scheduler is not None and cfg.scheduling.scheduler_interval == "step" and n_steps % cfg.scheduling.scheduler_frequency == 0:
-                scheduler.step()
-            for name, value in logs.items():
-                sums[name] = sums.get(name, 0.0) + value
-        if scheduler is not None and cfg.scheduling.scheduler_interval == "epoch" and (epoch + 1) % cfg.scheduling.scheduler_frequency == 0:
+    def step_scheduler(interval: str, count: int) -> None:
+        # OML's (Lightning's) semantics: every scheduler_frequency optimizer steps, or epochs.
+        if scheduler is not None and scheduling.scheduler_interval == interval and count % scheduling.scheduler_frequency == 0:
             scheduler.step()
 
+    # -- resume: the latest checkpoint Ray registered (None on a first attempt)
+    epoch0, step0, optimizer_steps = 0, 0, 0
+    best, best_epoch, last_val, partial = None, None, {}, {"sums": {}, "steps": 0}
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(os.path.join(d, STATE_FILE), device)
+    elif cfg.resume_from and resume_target(cfg.resume_from)[0] == "checkpoint":
+        state = load_state(resume_target(cfg.resume_from)[1], device)  # a new run from another run's state
+    if state is not None:
+        restore_training_state(state, extractor, criterion, optimizer, scheduler)
+        epoch0, step0, optimizer_steps = state["epoch"], state["step"], state["optimizer_steps"]
+        best, best_epoch, last_val, partial = state["best"], state["best_epoch"], state["last_val"], state["partial_epoch"]
+        if len(state["rng"]) == world_size:  # with another world size, the per-step seeds take over anyway
+            restore_rng(state["rng"][rank])
+
+    criterion_ddp = wrap_ddp(criterion, device)  # ArcFace's class weights: averaged like the model's gradients
+    model, frozen = extractor, None
+
+    def validate() -> dict:
+        emb, index = embed(extractor, data.val_loader, device, autocast_dtype)
+        row_ids = torch.as_tensor(data.my_val_rows, dtype=torch.int64)[index]
+        metrics = validation_metrics(emb, row_ids, data.val_rows, cfg.metric_args, retrieval=cfg.retrieval)
+        if cfg.on_bad_image == "skip":  # rows left out because their image could not be read (a collective)
+            n_bad = all_reduce_sum(torch.tensor(float(len(data.my_val_rows) - len(index)), device=device))
+            metrics["n_bad_images"] = int(n_bad.item())
+        return metrics
+
+    def save_and_report(metrics: dict, epoch: int, step: int, sums: dict, n_steps: int, new_best: bool) -> None:
+        # Ray: every rank calls this (the RNG gather is a collective, report a barrier); rank 0 writes.
+        rng = _all_ranks(capture_rng())
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                state = training_state(
+                    extractor, criterion, optimizer, scheduler,
+                    epoch=epoch,  # the position to continue from: epoch, and global step within it
+                    step=step,
+                    optimizer_steps=optimizer_steps,
+                    partial_epoch={"sums": sums, "steps": n_steps},  # train logs of a mid-epoch checkpoint
+                    best=best,
+                    best_epoch=best_epoch,
+                    last_val=last_val,
+                    rng=rng,  # per rank
+                    world_size=world_size,
+                    config=cfg.model_dump(mode="json"),
+                )
+                save_atomic(state, os.path.join(tmp, STATE_FILE))
+                ckpt = Checkpoint.from_directory(tmp)
+                if new_best and run_dir:
+                    # Besides Ray's latest checkpoints: Ray's own scoring could delete the latest one.
+                    os.makedirs(os.path.join(run_dir, BEST_DIR), exist_ok=True)
+                    save_atomic(state, os.path.join(run_dir, BEST_DIR, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    if cfg.validate_untrained and epoch0 == 0 and step0 == 0:
+        last_val = validate()
+        ray.train.report({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()})
+        if rank == 0 and not quiet:
+            print(f"epoch 0/{cfg.max_epochs}  untrained  val/{metric_key} {last_val.get(metric_key, float('nan')):.4f}", flush=True)
+
+    accumulate = cfg.accumulate_grad_batches
+    started = time.time()
+    for epoch in range(epoch0, cfg.max_epochs):
+        sampler.set_epoch(epoch)
+        start_step = step0 if epoch == epoch0 else 0
+        sampler.set_start_step(start_step)
+        if frozen != (epoch < cfg.freeze_n_epochs):
+            # DDP registers the trainable parameters when it wraps, so wrap again after a change.
+            frozen = epoch < cfg.freeze_n_epochs
+            set_trainable(extractor_param_groups(extractor)["backbone"], not frozen)
+            model = wrap_ddp(extractor, device)
+        model.train()
+        criterion.train()
+        resumed = partial if start_step else {"sums": {}, "steps": 0}
+        sums: dict[str, torch.Tensor | float] = dict(resumed["sums"])
+        n_done, epoch_start, bad_images = resumed["steps"], time.time(), 0
+        seeds = (step_seed(cfg.seed, epoch, step, rank) for step in range(start_step, sampler.n_steps))
+        batches = data.train_batches.epoch(seeds)  # on the device; augmentation finished there is seeded per step
+        for step in range(start_step, sampler.n_steps):
+            # Before the batch: its augmentations too when they run here (num_workers: 0); DataLoader
+            # processes draw from their own seeds.
+            seed_everything(step_seed(cfg.seed, epoch, step, rank))
+            batch = next(batches)
+            bad_images += batch.get("n_bad_images", 0)  # on_bad_image: skip
+            images = batch["image"]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"]
+            update = (step + 1) % accumulate == 0 or step + 1 == sampler.n_steps
+            logs = micro_step(
+                model, criterion_ddp, optimizer, images, labels, update=update, accumulate=accumulate,
+                clip_grad_norm=cfg.gradient_clip_val, autocast_dtype=autocast_dtype, sync_logs=False,
+            )
+            for name, value in logs.items():  # device tensors: no host sync per step
+                sums[name] = sums.get(name, 0.0) + value
+            n_done += 1
+            if not update:
+                continue
+            optimizer_steps += 1
+            step_scheduler("step", optimizer_steps)
+            every = cfg.checkpoint_every_n_steps
+            if every and (step + 1) % every == 0 and step + 1 < sampler.n_steps:
+                floats = {k: float(v) for k, v in sums.items()}
+                step_metrics = {"epoch": epoch, "step": step + 1} | {f"train/{k}": v / n_done for k, v in floats.items()}
+                save_and_report(step_metrics, epoch, step + 1, floats, n_done, new_best=False)
+        step_scheduler("epoch", epoch + 1)
+
         epoch_time = time.time() - epoch_start
-        metrics = {"epoch": epoch + 1} | {f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()}
+        metrics = {"epoch": epoch + 1} | {f"train/{k}": float(v) / max(n_done, 1) for k, v in sums.items()}
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        metrics["train/images_per_s"] = n_steps * sampler.global_batch_size / max(epoch_time, 1e-9)
+        if len(optimizer.param_groups) > 1:
+            metrics |= {f"train/lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
+        if cfg.freeze_n_epochs:
+            metrics["train/backbone_frozen"] = float(frozen)
+        metrics["train/images_per_s"] = (sampler.n_steps - start_step) * sampler.global_batch_size / max(epoch_time, 1e-9)
         metrics["train/epoch_time_s"] = epoch_time
+        if cfg.on_bad_image == "skip":  # a collective, so only where the policy makes it count
+            metrics["train/bad_images"] = int(all_reduce_sum(torch.tensor(float(bad_images), device=device)).item())
+        new_best = False
         if (epoch + 1) % cfg.valid_period == 0 or epoch + 1 == cfg.max_epochs:
             last_val = validate()
             metrics |= {f"val/{k}": v for k, v in last_val.items()}
             value = last_val.get(metric_key)
             if value is not None and not math.isnan(value) and (best is None or sign * value > sign * best):
-                best = value
+                best, best_epoch, new_best = value, epoch + 1, True
         metrics["best/" + metric_key] = best if best is not None else float("nan")
-
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                state = {
-                    "model": _unwrap(model).state_dict(),
-                    "criterion": criterion.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "last_val": last_val,
-                    "config": cfg.model_dump(mode="json"),
-                }
-                torch.save(state, os.path.join(tmp, STATE_FILE))
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)  # Ray: a barrier; every rank calls it
-        if rank == 0 and not loop_config.get("quiet"):
-            done = epoch + 1 - start_epoch
+        save_and_report(metrics, epoch + 1, 0, {}, 0, new_best)
+        if rank == 0 and not quiet:
+            done = epoch + 1 - epoch0
             eta = (time.time() - started) / done * (cfg.max_epochs - epoch - 1)
             print(_format_epoch_line(epoch + 1, cfg.max_epochs, metrics, metric_key, eta), flush=True)
 
-    return {"val": last_val, "epochs": cfg.max_epochs}
+    return {"val": last_val, "epochs": cfg.max_epochs, "best": best, "best_epoch": best_epoch}

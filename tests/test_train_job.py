@@ -54,6 +54,44 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
     assert len(checkpoints) == 2
     assert os.path.exists(os.path.join(run_dir, sorted(checkpoints)[-1], "state.pt"))
 
+    _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
+
+
+def _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path):
+    """What the same run shows around training: TensorBoard events, progress lines, the exported extractor."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raymetric.export import export_extractor, extractor_from_checkpoint, load_exported
+
+    # TensorBoard events (the default logger), read with TensorBoard's own reader; "@" is logged as "/".
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/active_triplets", "train/pos_dist", "train/neg_dist", "train/lr",
+            "train/images_per_s", "val/cmc/1", "val/cmc/5", "val/precision/5", "val/map/5"} <= tags
+    assert all(f"val/{c}/cmc/1" in tags for c in categories)
+    assert [e.step for e in events.Scalars("val/cmc/1")] == [0, 1, 2]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert events.Scalars("val/cmc/1")[-1].value == pytest.approx(metrics["cmc@1"])
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+    # The driver's progress lines: one per report, no Ray log lines in between.
+    assert out[0].startswith("run directory: ")
+    assert out[1].startswith("epoch 0/2  untrained  val/cmc@1")
+    assert out[2].startswith("epoch 1/2  loss ") and "img/s" in out[2] and "eta" in out[2]
+    assert out[3].startswith("epoch 2/2  loss ") and "val/cmc@1" in out[3]
+
+    # The trained extractor alone: exported, reloaded, the same embeddings.
+    original, _ = extractor_from_checkpoint(run_dir)
+    images = torch.randn(3, 3, 32, 32)
+    export_extractor(run_dir, str(tmp_path / "export"), formats=["state_dict", "torchscript"])
+    with torch.no_grad():
+        expected = original(images)
+        for fmt in ("state_dict", "torchscript"):
+            model, _ = load_exported(str(tmp_path / "export"), fmt=fmt)
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
+
 
 def test_bad_config_fails_before_any_worker(tmp_path, capsys):
     import train as train_job

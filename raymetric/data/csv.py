@@ -379,8 +379,8 @@ def _resolve_categories(label: pd.Series, category: pd.Series, policy: str) -> t
     n_labels = _count(len(conflicting), "label")
     if policy == "error":
         return category, [
-            f"column 'category': {n_labels} in several categories (fix the CSV, or pass "
-            f"category_conflict='first' to keep each label's first category): {listing}"
+            f"column 'category': {n_labels} in several categories (fix the CSV, or set "
+            f"category_conflict: first (a config key) to keep each label's first category): {listing}"
         ]
     logger.warning(
         "column 'category': %s in several categories; category_conflict='first' keeps each label's first "

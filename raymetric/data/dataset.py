@@ -7,6 +7,7 @@ slightly, so it needs a measured speed-up and a check on the metrics before it b
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from raymetric.data.csv import BBOX_COLUMNS
+
+logger = logging.getLogger(__name__)
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class ImageReadError(RuntimeError):
@@ -83,6 +87,9 @@ class ImageDataset(torch.utils.data.Dataset):
             Its index names rows in error messages.
         transform: Called on the RGB PIL image.
         labels: One label per row overriding ``df["label"]`` (e.g. codes from ``remap_labels``).
+        on_bad_image: ``error`` raises :class:`ImageReadError` naming the file and row; ``skip`` logs a
+            warning naming them and returns the item with ``image=None`` for the collate function to
+            deal with (:func:`collate_substituting` in training, :func:`collate_dropping` in validation).
     """
 
     def __init__(
@@ -90,7 +97,11 @@ class ImageDataset(torch.utils.data.Dataset):
         df: pd.DataFrame,
         transform: Callable[[Image.Image], Any] | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
+        on_bad_image: str = "error",
     ):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         self.transform = transform
         self._paths = _PackedStrings(df["path"].tolist())
         self._rows = df.index.to_numpy()
@@ -112,9 +123,57 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             image = read_image(path, None if box[0] < 0 else box.tolist())
         except ImageReadError as error:
-            raise type(error)(f"row {self._rows[i]}: {error}") from error
+            message = f"row {self._rows[i]}: {error}"
+            if self.on_bad_image == "error":
+                raise type(error)(message) from error
+            logger.warning("skipping an unreadable image (on_bad_image: skip): %s", message)
+            return {"image": None, "label": int(self.labels[i]), "index": int(i)}
         image = F.pil_to_tensor(image) if self.transform is None else self.transform(image)
         return {"image": image, "label": int(self.labels[i]), "index": int(i)}
+
+
+def collate_substituting(items: list[dict]) -> dict:
+    """Collate a training batch, replacing each unreadable item by a readable one of the same label.
+
+    The batch keeps its size and its P x K structure (every worker must gather tensors of the same
+    shape), and ``batch["n_bad_images"]`` counts the substitutions so that they are logged, not
+    silent. A label none of whose items could be read borrows another label's item.
+
+    >>> ok = lambda i, y: {"image": torch.full((1,), float(i)), "label": y, "index": i}
+    >>> bad = lambda i, y: {"image": None, "label": y, "index": i}
+    >>> b = collate_substituting([ok(0, 7), bad(1, 7), ok(2, 8), ok(3, 8)])
+    >>> b["image"].flatten().tolist(), b["label"].tolist(), b["n_bad_images"]
+    ([0.0, 0.0, 2.0, 3.0], [7, 7, 8, 8], 1)
+    """
+    good = [item for item in items if item["image"] is not None]
+    if not good:
+        indices = [item["index"] for item in items]
+        raise ImageReadError(f"no image of a whole batch could be read (dataset indices {indices[:10]})")
+    by_label = {}
+    for item in good:
+        by_label.setdefault(item["label"], item)
+    filled = [item if item["image"] is not None else by_label.get(item["label"], good[0]) for item in items]
+    batch = torch.utils.data.default_collate(filled)
+    batch["n_bad_images"] = len(items) - len(good)
+    return batch
+
+
+def collate_dropping(items: list[dict]) -> dict:
+    """Collate a validation batch without its unreadable items (``batch["n_bad_images"]`` counts them).
+
+    >>> b = collate_dropping([{"image": None, "label": 1, "index": 0}, {"image": torch.ones(2), "label": 1, "index": 1}])
+    >>> b["index"].tolist(), b["n_bad_images"]
+    ([1], 1)
+    >>> collate_dropping([{"image": None, "label": 1, "index": 0}])["image"].shape[0]
+    0
+    """
+    good = [item for item in items if item["image"] is not None]
+    if good:
+        batch = torch.utils.data.default_collate(good)
+    else:  # an empty batch keeps the loop simple
+        batch = {"image": torch.zeros((0,)), "label": torch.zeros(0, dtype=torch.int64), "index": torch.zeros(0, dtype=torch.int64)}
+    batch["n_bad_images"] = len(items) - len(good)
+    return batch
 
 
 def _bbox_array(df: pd.DataFrame) -> np.ndarray:

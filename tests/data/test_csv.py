@@ -297,7 +297,7 @@ MALFORMED = {
         _chain(_set(1, category="boots"), _set(7, category="caps")),
         [
             "column 'category': 2 labels in several categories",
-            "category_conflict='first'",
+            "category_conflict: first",
             "label 1 ('shoes' in row 0; 'boots' in row 1), label 4 ('hats' in row 6; 'caps' in row 7)",
         ],
     ),
