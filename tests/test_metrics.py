@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from raymetric.metrics import cmc_at_k, map_at_k, precision_at_k, retrieval_metrics
+from raymetric.metrics import (
+    EmbeddingMoments,
+    cmc_at_k,
+    fmr_key,
+    fnmr_at_fmr,
+    map_at_k,
+    precision_at_k,
+    retrieval_metrics,
+    validation_report,
+)
 
 
 def oracle(relevance_row, n_retrieved, n_gt, k):
@@ -156,3 +165,119 @@ def test_bad_arguments_raise():
         retrieval_metrics([[1, 0]], [2], [1], cmc_top_k=(5,))
     with pytest.raises(ValueError, match="categories"):
         retrieval_metrics([[1, 0]], [2], [1], cmc_top_k=(1,), precision_top_k=(), map_top_k=(), categories=[1, 2])
+
+
+# ---------------------------------------------------------------- fnmr@fmr, pcf, the report
+
+
+def all_pair_distances(query, gallery, query_labels, gallery_labels, query_ids, gallery_ids):
+    """Brute force: float64 distances of every (query, gallery item) pair but the query itself, and relevance."""
+    dist, relevant = [], []
+    for q in range(len(query)):
+        for g in range(len(gallery)):
+            if query_ids[q] == gallery_ids[g]:
+                continue
+            dist.append(float(np.sqrt(((query[q].astype(np.float64) - gallery[g]) ** 2).sum())))
+            relevant.append(query_labels[q] == gallery_labels[g])
+    return np.array(dist), np.array(relevant)
+
+
+@pytest.mark.parametrize("fmr", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_fnmr_at_fmr_against_oml_definition(fmr):
+    from raymetric.retrieval import histogram_range, own_rows, pair_distance_histogram
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(120, 6)).astype(np.float32)
+    labels = rng.integers(0, 10, 120)
+    ids = np.arange(120)
+    n_bins = 4096
+    dist, relevant = all_pair_distances(emb[:50], emb, labels[:50], labels, ids[:50], ids)
+    # OML: calc_fnmr_at_fmr(pos_dist, neg_dist) = share of positives >= the fmr quantile of negatives.
+    threshold = np.quantile(dist[~relevant], fmr)
+    expected = (dist[relevant] >= threshold).mean()
+
+    max_dist = histogram_range(torch.from_numpy(emb))
+    hist = pair_distance_histogram(torch.from_numpy(emb[:50]), torch.from_numpy(emb),
+                                   query_labels=torch.from_numpy(labels[:50]), gallery_labels=torch.from_numpy(labels),
+                                   max_dist=max_dist, n_bins=n_bins, self_row=own_rows(torch.arange(50), torch.arange(120)))
+    assert hist[0].sum() == (~relevant).sum() and hist[1].sum() == relevant.sum()
+    value = fnmr_at_fmr(hist, [fmr])[fmr_key(fmr)]
+    # The documented bound: the positives within one bin width of the threshold.
+    width = max_dist / n_bins
+    near = (np.abs(dist[relevant] - threshold) <= 2 * width).mean()
+    assert abs(value - expected) <= near + 1e-12
+
+
+def test_fnmr_histogram_counts_match_brute_force_bins():
+    from raymetric.retrieval import pair_distance_histogram
+
+    rng = np.random.default_rng(4)
+    query, gallery = rng.normal(size=(7, 3)).astype(np.float32), rng.normal(size=(30, 3)).astype(np.float32)
+    ql, gl = rng.integers(0, 3, 7), rng.integers(0, 3, 30)
+    qs, gs = rng.integers(-1, 3, 7), rng.integers(-1, 3, 30)
+    hist = pair_distance_histogram(torch.from_numpy(query), torch.from_numpy(gallery), query_labels=torch.from_numpy(ql),
+                                   gallery_labels=torch.from_numpy(gl), max_dist=10.0, n_bins=7,
+                                   query_sequences=torch.from_numpy(qs), gallery_sequences=torch.from_numpy(gs),
+                                   max_block_elems=11)
+    expected = np.zeros((2, 7), np.int64)
+    for q in range(7):
+        for g in range(30):
+            if qs[q] != -1 and qs[q] == gs[g]:
+                continue
+            d = np.sqrt(((query[q].astype(np.float64) - gallery[g]) ** 2).sum())
+            expected[int(ql[q] == gl[g]), min(int(d / 10.0 * 7), 6)] += 1
+    np.testing.assert_array_equal(hist.numpy(), expected)
+
+
+def test_fnmr_without_pairs_is_zero():
+    assert fnmr_at_fmr(torch.zeros(2, 5, dtype=torch.long), [0.1]) == {"fnmr@fmr=0.1": 0.0}
+    with pytest.raises(ValueError, match="fmr"):
+        fnmr_at_fmr(torch.ones(2, 5, dtype=torch.long), [1.5])
+
+
+def oml_pcf(emb: np.ndarray, variances) -> list[float]:
+    """OML's PCA.calc_principal_axes_number, in float64: SVD of the centred data."""
+    centred = emb - emb.mean(0)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    explained = singular**2 / (len(emb) - 1)
+    cumulative = np.cumsum(explained / explained.sum())
+    return [(np.searchsorted(cumulative, v, side="right") + 1) / emb.shape[1] for v in variances]
+
+
+@pytest.mark.parametrize("shape", [(200, 16), (5, 12), (64, 64)])
+def test_pcf_against_oml_formula(shape):
+    rng = np.random.default_rng(shape[0])
+    emb = rng.normal(size=shape) * np.linspace(3, 0.1, shape[1])  # decaying variances
+    variances = [0.1, 0.5, 0.9, 0.99]
+    assert EmbeddingMoments.of(emb).pcf(variances) == oml_pcf(emb, variances)
+    # Moments add up: shards give the same answer.
+    parts = EmbeddingMoments.of(emb[:3]) + EmbeddingMoments.of(emb[3:])
+    assert parts.pcf(variances) == oml_pcf(emb, variances)
+
+
+def test_pcf_degenerate_inputs_are_nan():
+    assert all(math.isnan(v) for v in EmbeddingMoments.of(np.ones((1, 4))).pcf([0.5]))
+    assert all(math.isnan(v) for v in EmbeddingMoments.of(np.ones((6, 4))).pcf([0.5]))  # no variance
+
+
+def test_validation_report_keys_and_category_blocks():
+    from raymetric.config import MetricArgs
+
+    rng = np.random.default_rng(5)
+    is_relevant, n_retrieved, n_gt, categories = random_case(9, n_query=40)
+    emb = rng.normal(size=(60, 4))
+    emb_categories = rng.choice(np.array(["shoes", "bags", "hats"]), 60)
+    moments = {"": EmbeddingMoments.of(emb)} | {c: EmbeddingMoments.of(emb[emb_categories == c])
+                                                 for c in ("bags", "hats", "shoes")}
+    hist = torch.ones(2, 16, dtype=torch.long)
+    args = MetricArgs(cmc_top_k=[1], precision_top_k=[3], map_top_k=[3], fmr_vals=[0.5], pcf_variance=[0.5, 0.9])
+    report = validation_report(is_relevant, n_retrieved, n_gt, args, categories=categories, pair_histogram=hist,
+                               moments=moments)
+    block = ["cmc@1", "precision@3", "map@3"]
+    assert list(report)[:8] == [*block, "fnmr@fmr=0.5", "pcf@0.5", "pcf@0.9", "n_queries", "n_queries_without_gt"]
+    assert list(report)[8:13] == ["bags/" + k for k in [*block, "pcf@0.5", "pcf@0.9"]]  # no fnmr per category
+    assert report["shoes/pcf@0.9"] == moments["shoes"].pcf([0.9])[0]
+    plain = retrieval_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=[1], precision_top_k=[3], map_top_k=[3],
+                              categories=categories)
+    assert {k: v for k, v in report.items() if k in plain} == plain
+    assert set(args.metric_names()) <= set(report)

@@ -1,12 +1,28 @@
-"""Sharded, blocked top-k against a brute-force oracle: a per-query loop over all pairs, sorted by (dist, id)."""
+"""Sharded, blocked top-k against a brute-force oracle: a per-query loop over all pairs, sorted by (dist, id).
+
+Every test runs each candidate backend: torch with bfloat16 and float32 scores, and faiss. The result
+must be the exact top-k whatever the backend: low precision only changes how many queries need a
+second, wider round.
+"""
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from raymetric.retrieval import TopK, merge_topk, relevance, topk_shard
+
+BACKENDS = [dict(backend="torch", score_dtype="bfloat16"), dict(backend="torch", score_dtype="float32"),
+            dict(backend="faiss")]
+BACKEND_IDS = ["torch-bf16", "torch-fp32", "faiss"]
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request):
+    """Keyword arguments of topk_shard choosing the candidate backend."""
+    return request.param
 
 
 def brute_force(query, gallery, k, query_labels, gallery_labels, gallery_ids, query_ids=None,
@@ -83,11 +99,12 @@ def make_data(n_query, n_gallery, dim, *, seed, grid=False, n_labels=4, n_duplic
 
 @pytest.mark.parametrize("grid", [False, True])
 @pytest.mark.parametrize("shard_sizes", [[60], [0, 3, 25, 1, 31], [7, 7, 7, 39]])
-def test_sharded_equals_brute_force(grid, shard_sizes):
+def test_sharded_equals_brute_force(grid, shard_sizes, backend):
     query, gallery, ql, gl, gids = make_data(23, 60, 3, seed=len(shard_sizes) + grid, grid=grid, n_duplicates=12)
     k = 9
     expected = brute_force(query, gallery, k, ql, gl, gids)
-    result = sharded(query, gallery, k, shard_sizes, seed=1, query_labels=ql, gallery_labels=gl, gallery_ids=gids)
+    result = sharded(query, gallery, k, shard_sizes, seed=1, query_labels=ql, gallery_labels=gl, gallery_ids=gids,
+                     **backend)
     assert_matches(result, expected)
     if grid:  # the data really has ties at the cut-off and inside the top-k
         dist = expected[0]
@@ -109,38 +126,54 @@ def test_blocking_gives_the_same_result(max_block_elems):
 
 
 def test_block_holds_at_most_max_block_elems(monkeypatch):
-    import raymetric.retrieval as retrieval
+    import raymetric.retrieval.candidates as candidates
 
     shapes = []
-    original = retrieval._block_keys
+    original = candidates._block_top
 
-    def spy(query, query_sq, gallery, *args):
-        shapes.append((query.shape[0], gallery.shape[0]))
-        return original(query, query_sq, gallery, *args)
+    def spy(scores, *args):
+        shapes.append(tuple(scores.shape))
+        return original(scores, *args)
 
-    monkeypatch.setattr(retrieval, "_block_keys", spy)
-    query, gallery, ql, gl, gids = make_data(50, 300, 4, seed=4)
-    topk_shard(query, gallery, 5, query_labels=ql, gallery_labels=gl, gallery_ids=gids, max_block_elems=1000)
-    assert max(q * g for q, g in shapes) <= 1000
+    monkeypatch.setattr(candidates, "_block_top", spy)
+    query, gallery, ql, gl, gids = make_data(50, 3000, 4, seed=4)
+    kwargs = dict(query_labels=ql, gallery_labels=gl, gallery_ids=gids, extra=3)
+    result = topk_shard(query, gallery, 5, max_block_elems=10000, **kwargs)
+    assert max(q * g for q, g in shapes) <= 10000
     shapes.clear()
-    topk_shard(query, gallery, 5, query_labels=ql, gallery_labels=gl, gallery_ids=gids, max_block_elems=128)
+    topk_shard(query, gallery, 5, max_block_elems=128, **kwargs)
     assert max(q * g for q, g in shapes) <= 128  # column blocks: one query row exceeds the budget
+    assert_matches(result, brute_force(query, gallery, 5, ql, gl, gids))
+
+
+def test_group_preselection_equals_plain_topk():
+    import raymetric.retrieval.candidates as candidates
+
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randint(-40, 40, (30, 16 * 50), generator=gen).float()  # many ties
+    scores[3] = float("-inf")  # a fully masked row
+    scores[4, 100:] = float("-inf")  # fewer unmasked items than the width
+    values, cols = candidates._block_top(scores, 12, 16)
+    expected = scores.topk(12, dim=1).values
+    assert torch.equal(values.sort(1, descending=True).values, expected)
+    assert torch.equal(scores.gather(1, cols), values)  # the columns hold those values
+    assert all(len(set(row)) == 12 for row in cols.tolist())
 
 
 @pytest.mark.parametrize("grid", [False, True])
-def test_self_masking_every_item_is_query_and_gallery(grid):
+def test_self_masking_every_item_is_query_and_gallery(grid, backend):
     # Duplicated rows: a query ties at distance 0 with its copies, which sit in other shards.
     _, gallery, _, labels, ids = make_data(0, 70, 2, seed=5, grid=grid, n_duplicates=20)
     k = 12
     expected = brute_force(gallery, gallery, k, labels, labels, ids, query_ids=ids)
     result = sharded(gallery, gallery, k, [10, 0, 50, 10], seed=2, query_labels=labels, gallery_labels=labels,
-                     gallery_ids=ids, query_ids=ids)
+                     gallery_ids=ids, query_ids=ids, **backend)
     assert_matches(result, expected)
     assert not (result.gallery_ids == ids[:, None]).any()  # a query never retrieves itself
     np.testing.assert_array_equal(result.n_gt.numpy(), np.bincount(labels)[labels] - 1)
 
 
-def test_sequence_masking_and_minus_one_never_matches():
+def test_sequence_masking_and_minus_one_never_matches(backend):
     query, gallery, ql, gl, gids = make_data(30, 80, 3, seed=6, n_duplicates=8)
     gen = torch.Generator().manual_seed(7)
     # Half the items have no sequence (-1): they must not mask each other.
@@ -151,7 +184,7 @@ def test_sequence_masking_and_minus_one_never_matches():
     expected = brute_force(query, gallery, k, ql, gl, gids, query_ids, query_sequences, gallery_sequences)
     result = sharded(query, gallery, k, [33, 2, 45], seed=3, query_labels=ql, gallery_labels=gl,
                      gallery_ids=gids, gallery_sequences=gallery_sequences, query_ids=query_ids,
-                     query_sequences=query_sequences)
+                     query_sequences=query_sequences, **backend)
     assert_matches(result, expected)
 
     id_to_seq = dict(zip(gids.tolist(), gallery_sequences.tolist()))
@@ -161,15 +194,62 @@ def test_sequence_masking_and_minus_one_never_matches():
     assert ((retrieved_seq == -1) & ~has_seq).any()  # -1 queries do retrieve -1 items
 
 
-def test_k_larger_than_gallery_pads():
+def test_k_larger_than_gallery_pads(backend):
     query, gallery, ql, gl, gids = make_data(5, 4, 3, seed=8)
     query_ids = torch.tensor([int(gids[2]), -5, -5, -5, -5])  # only query 0 is in the gallery
     result = sharded(query, gallery, 10, [1, 0, 3], seed=4, query_labels=ql, gallery_labels=gl, gallery_ids=gids,
-                     query_ids=query_ids)
+                     query_ids=query_ids, **backend)
     expected = brute_force(query, gallery, 10, ql, gl, gids, query_ids=query_ids)
     assert_matches(result, expected)
     assert (result.gallery_ids[:, 4:] == -1).all() and torch.isinf(result.dist[:, 4:]).all()
     assert (result.gallery_ids[0] >= 0).sum() == 3  # query 0 is gallery item 2 and skips it
+
+
+def test_k_larger_than_every_shard(backend):
+    query, gallery, ql, gl, gids = make_data(9, 50, 4, seed=19, n_duplicates=6)
+    expected = brute_force(query, gallery, 30, ql, gl, gids)
+    result = sharded(query, gallery, 30, [12, 7, 20, 11], seed=6, query_labels=ql, gallery_labels=gl,
+                     gallery_ids=gids, **backend)
+    assert_matches(result, expected)
+
+
+def test_near_ties_below_score_precision_are_resolved_exactly(backend):
+    # Items at distances 1 + j * 1e-7 from the query, far below bfloat16 (and near float32) score
+    # resolution, with ids in reverse order of distance: only the exact re-rank orders them right,
+    # and with bfloat16 scores the proof must send these queries round again.
+    gen = torch.Generator().manual_seed(20)
+    dim, n = 8, 300
+    directions = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
+    radii = 1.0 + 1e-7 * torch.randperm(n, generator=gen).double()
+    gallery = (directions * radii[:, None]).float()
+    query = torch.zeros(3, dim)
+    query[1, 0], query[2, 1] = 1e-3, -2e-3
+    ids = torch.arange(n - 1, -1, -1)
+    labels = torch.zeros(n, dtype=torch.long)
+    expected = brute_force(query, gallery, 5, [0, 0, 0], labels, ids)
+    result = topk_shard(query, gallery, 5, query_labels=[0, 0, 0], gallery_labels=labels, gallery_ids=ids,
+                        extra=4, **backend)
+    assert_matches(result, expected)
+    if backend.get("score_dtype") == "bfloat16":  # float32 scores can separate some of these
+        assert result.stats["queries_widened"] > 0
+
+
+def test_exact_ties_wider_than_the_list(backend):
+    # 40 copies of one point: the top-5 are the 5 smallest ids among them, found after the list
+    # grows from 7 to 28 to 40 candidates.
+    gen = torch.Generator().manual_seed(21)
+    gallery = torch.randn(200, 6, generator=gen) * 3
+    copies = torch.randperm(200, generator=gen)[:40]
+    gallery[copies] = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    query = torch.zeros(2, 6)
+    ids = torch.randperm(1000, generator=gen)[:200]
+    labels = torch.arange(200) % 3
+    expected = brute_force(query, gallery, 5, [0, 1], labels, ids)
+    result = topk_shard(query, gallery, 5, query_labels=[0, 1], gallery_labels=labels, gallery_ids=ids,
+                        extra=2, **backend)
+    assert_matches(result, expected)
+    assert sorted(ids[copies].tolist())[:5] == result.gallery_ids[0].tolist()
+    assert result.stats["queries_widened"] == 2
 
 
 def test_empty_gallery_and_empty_queries():
@@ -209,10 +289,12 @@ def test_half_precision_inputs_are_upcast():
     assert result.dist.dtype == torch.float32
 
 
-def test_float32_compute_matches_on_exact_data():
-    query, gallery, ql, gl, gids = make_data(17, 50, 3, seed=12, grid=True)
-    result = sharded(query, gallery, 7, [20, 5, 25], seed=5, query_labels=ql, gallery_labels=gl, gallery_ids=gids,
-                     compute_dtype=torch.float32)
+def test_unnormalised_embeddings_use_the_bias_column(backend):
+    # Norms from 0.1 to 30: the bias -|g|^2 / 2 varies, so it goes into the score matrix.
+    query, gallery, ql, gl, gids = make_data(17, 90, 5, seed=12)
+    gallery = gallery * torch.logspace(-1, 1.5, 90)[:, None]
+    result = sharded(query, gallery, 7, [20, 45, 25], seed=5, query_labels=ql, gallery_labels=gl, gallery_ids=gids,
+                     **backend)
     assert_matches(result, brute_force(query, gallery, 7, ql, gl, gids))
 
 
@@ -251,47 +333,79 @@ def test_bad_inputs_raise():
         topk_shard(query, gallery, 2, query_labels=ql.float(), gallery_labels=gl, gallery_ids=gids)
     with pytest.raises(ValueError, match="k must be"):
         topk_shard(query, gallery, 0, query_labels=ql, gallery_labels=gl, gallery_ids=gids)
+    with pytest.raises(ValueError, match="backend"):
+        topk_shard(query, gallery, 2, query_labels=ql, gallery_labels=gl, gallery_ids=gids, backend="annoy")
+    gallery[2, 0] = math.nan
+    with pytest.raises(ValueError, match=r"gallery_emb has non-finite values in rows \[2\]"):
+        topk_shard(query, gallery, 2, query_labels=ql, gallery_labels=gl, gallery_ids=gids)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
-    query, gallery, ql, gl, gids = make_data(40, 200, 8, seed=16, n_duplicates=30)
-    kwargs = dict(query_labels=ql, gallery_labels=gl, gallery_ids=gids, query_ids=gids[:40], max_block_elems=999)
+@pytest.mark.parametrize("n_gallery, use_fused", [(200, False), (3000, False), (3000, True)])
+def test_cuda_matches_cpu(n_gallery, use_fused, monkeypatch):
+    import raymetric.retrieval.fused as fused
+
+    monkeypatch.setattr(fused, "ENABLED", use_fused)  # 3000 items: enough for the fused Triton kernel
+    query, gallery, ql, gl, gids = make_data(40, n_gallery, 8, seed=16, n_duplicates=30)
+    seqs = torch.randint(-1, 5, (n_gallery,), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(query_labels=ql, gallery_labels=gl, gallery_ids=gids, query_ids=gids[:40], max_block_elems=9999,
+                  query_sequences=seqs[:40], gallery_sequences=seqs, extra=8)
     cpu = topk_shard(query, gallery, 15, **kwargs)
-    cuda = topk_shard(query.cuda(), gallery.cuda(), 15, **{key: v.cuda() for key, v in kwargs.items()
-                                                               if torch.is_tensor(v)}, max_block_elems=999)
+    cuda = topk_shard(query.cuda(), gallery.cuda(), 15, **{key: v.cuda() if torch.is_tensor(v) else v
+                                                           for key, v in kwargs.items()})
     assert cuda.dist.is_cuda
     assert torch.equal(cuda.gallery_ids.cpu(), cpu.gallery_ids)
     torch.testing.assert_close(cuda.dist.cpu(), cpu.dist, rtol=1e-6, atol=1e-6)
     assert torch.equal(cuda.n_gt.cpu(), cpu.n_gt)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_float_duplicates_tie_by_id_whatever_the_split(seed):
-    # Random float embeddings with exact copies, in 16 dims: a float32 matmul rounds the same pair
-    # differently for different shard shapes, so this is what float64 accumulation is for.
+FUSED_SCRIPT = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the kernel runs on the CPU
+sys.path.insert(0, "tests")
+import torch
+import raymetric.retrieval.fused as fused
+from raymetric.retrieval import topk_shard
+from test_retrieval import assert_matches, brute_force, make_data
+
+fused.ENABLED = True
+calls = []
+plain = fused.fused_candidates
+fused.fused_candidates = lambda *a, **k: calls.append(1) or plain(*a, **k)
+query, gallery, ql, gl, gids = make_data(30, 600, 6, seed=30, n_duplicates=40)
+seqs = torch.randint(-1, 4, (600,), generator=torch.Generator().manual_seed(2))
+kwargs = dict(query_labels=ql, gallery_labels=gl, gallery_ids=gids, query_ids=gids[:30], query_sequences=seqs[:30],
+              gallery_sequences=seqs, extra=4, score_dtype="float32")
+expected = brute_force(query, gallery, 5, ql, gl, gids, gids[:30], seqs[:30], seqs)
+assert_matches(topk_shard(query, gallery, 5, **kwargs), expected)
+fused.SLOTS_PER_QUERY = 20  # some queries keep more items than they have slots: the plain path takes them
+assert_matches(topk_shard(query, gallery, 5, **kwargs), expected)
+scaled = gallery * torch.logspace(-1, 1, 600)[:, None]  # unnormalised: the bias column
+assert_matches(topk_shard(query, scaled, 7, query_labels=ql, gallery_labels=gl, gallery_ids=gids, extra=3,
+                          score_dtype="float32"), brute_force(query, scaled, 7, ql, gl, gids))
+assert len(calls) == 3, calls
+print("ok")
+"""
+
+
+def test_fused_triton_kernel_in_the_interpreter():
+    # The GPU path's kernel, run by Triton's CPU interpreter (float32 inputs there), against brute force.
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float_duplicates_tie_by_id_whatever_the_split(seed, backend):
+    # Random float embeddings with exact copies, in 16 dims: the distance of a pair is computed pair
+    # by pair, so copies tie exactly whatever the shard shapes, and ties go to the smaller id.
     query, gallery, ql, gl, gids = make_data(12, 150, 16, seed=100 + seed, n_duplicates=50)
     expected = brute_force(query, gallery, 8, ql, gl, gids)
     for sizes in ([150], [0, 3, 80, 1, 66], [75, 75]):
         result = sharded(query, gallery, 8, sizes, seed=seed, query_labels=ql, gallery_labels=gl, gallery_ids=gids,
-                         max_block_elems=500)
+                         max_block_elems=500, **backend)
         assert_matches(result, expected)
-
-
-def test_nan_embedding_ranks_last():
-    query, gallery, ql, gl, gids = make_data(4, 6, 2, seed=17)
-    gallery[2, 0] = math.nan
-    result = topk_shard(query, gallery, 6, query_labels=ql, gallery_labels=gl, gallery_ids=gids)
-    assert (result.gallery_ids[:, -1] == gids[2]).all() and torch.isinf(result.dist[:, -1]).all()
-    assert torch.isfinite(result.dist[:, :-1]).all()
-
-
-def test_portable_key_path_matches(monkeypatch):
-    import raymetric.retrieval as retrieval
-
-    query, gallery, ql, gl, gids = make_data(15, 60, 3, seed=18, n_duplicates=20)
-    kwargs = dict(query_labels=ql, gallery_labels=gl, gallery_ids=gids, max_block_elems=100)
-    fast = topk_shard(query, gallery, 7, **kwargs)
-    monkeypatch.setattr(retrieval, "_LITTLE_ENDIAN", False)  # the path for big-endian hosts
-    portable = topk_shard(query, gallery, 7, **kwargs)
-    assert torch.equal(fast.gallery_ids, portable.gallery_ids) and torch.equal(fast.dist, portable.dist)

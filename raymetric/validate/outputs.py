@@ -1,0 +1,73 @@
+"""What a stand-alone validation writes: the per-query top-k table and the picture of the worst queries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raymetric.config import MetricArgs
+from raymetric.embeddings import EmbeddingsTable
+from raymetric.validate.scoring import ValidationOutput
+
+
+def write_topk_table(path: str, table: EmbeddingsTable, out: ValidationOutput, width: int) -> None:
+    """Per query: its row, label, ``n_gt``, top-``width`` gallery rows, distances, relevance, per-query metrics."""
+    k = min(width, out.topk.gallery_ids.shape[1])
+    ids, dist = out.topk.gallery_ids[:, :k].numpy(), out.topk.dist[:, :k].numpy()
+    relevant = (ids >= 0) & (table.labels[np.maximum(ids, 0)] == table.labels[out.query_rows][:, None])
+    columns = {
+        "query": pa.array(out.query_rows, pa.int64()),
+        "label": pa.array(table.labels[out.query_rows], pa.int64()),
+        "n_gt": pa.array(out.topk.n_gt.numpy(), pa.int64()),
+        "retrieved": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k),
+        "distance": pa.FixedSizeListArray.from_arrays(pa.array(dist.reshape(-1), pa.float32()), k),
+        "relevant": pa.FixedSizeListArray.from_arrays(pa.array(relevant.reshape(-1), pa.bool_()), k),
+    }
+    if table.categories is not None:
+        columns["category"] = pa.array(table.categories[out.query_rows], pa.string())
+    for name, values in out.per_query.items():
+        columns[name] = pa.array(values.numpy(), pa.float64())
+    pq.write_table(pa.table(columns), path)
+
+
+def draw_picture(table: EmbeddingsTable, out: ValidationOutput, picture, metric_args: MetricArgs,
+                 frame: pd.DataFrame | None = None):
+    """The worst queries by ``picture.metric`` with their top items and a missed relevant one."""
+    from raymetric.visualize import PictureRow, nearest_missed, retrieval_picture, worst_queries
+
+    metric = picture.metric or next(iter(out.per_query))
+    # Queries with nothing relevant to find go last: their low values say nothing about the model.
+    values = torch.where(out.topk.n_gt > 0, out.per_query[metric], float("inf"))
+    gallery = table.is_gallery
+    codes = table.sequence_codes()
+    rows = []
+    for q in worst_queries(values, picture.n_queries):
+        qid = int(out.query_rows[q])
+        shown = [(int(g), float(d), bool(table.labels[g] == table.labels[qid]))
+                 for g, d in zip(out.topk.gallery_ids[q].tolist(), out.topk.dist[q].tolist()) if g >= 0]
+        relevant = np.flatnonzero(gallery & (table.labels == table.labels[qid])
+                                  & ~((codes == codes[qid]) & (codes != -1)))
+        missed = nearest_missed(table.embeddings[qid], qid, {g for g, _, _ in shown[: picture.n_retrieved]},
+                                relevant, table.embeddings[relevant])
+        value = float(values[q])
+        rows.append(PictureRow(qid, f"#{qid} {metric}={value:.2f}", shown, missed))
+
+    def load_image(item: int):
+        from raymetric.data.dataset import read_image
+
+        try:
+            if frame is not None:
+                box = [frame.at[item, c] for c in ("x_1", "y_1", "x_2", "y_2")] if "x_1" in frame else None
+                box = None if box is None or any(pd.isna(v) for v in box) else [int(v) for v in box]
+                return read_image(frame.at[item, "path"], box)
+            if table.paths is not None and table.paths[item]:
+                return read_image(table.paths[item])
+        except Exception:  # a missing or broken image: a placeholder tile, the picture still helps
+            return None
+        return None
+
+    return retrieval_picture(rows, load_image, picture.n_retrieved, picture.tile_size,
+                             title=f"worst {len(rows)} queries by {metric}")

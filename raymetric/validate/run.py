@@ -1,0 +1,70 @@
+"""The stand-alone validation from start to end: check, embed, score, write the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+
+from raymetric.config import ValidateConfig, dump_config
+from raymetric.embeddings import write_embeddings
+from raymetric.search import SearchSettings
+from raymetric.validate.outputs import draw_picture, write_topk_table
+from raymetric.validate.plan import prepare_validation
+from raymetric.validate.scoring import score_table, search_memory_bytes
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+TOPK_FILE = "topk.parquet"
+PICTURE_FILE = "retrieval.png"
+EMBEDDINGS_FILE = "embeddings.parquet"
+
+
+@dataclass
+class ValidationResult:
+    """Where a stand-alone validation put its outputs, and its metrics."""
+
+    run_dir: str
+    metrics: dict[str, float]
+    searched_with: str
+
+
+def new_run_dir(cfg: ValidateConfig) -> str:
+    name = cfg.ray.name or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{cfg.postfix}"
+    run_dir = os.path.join(cfg.ray.storage_path, name)
+    os.makedirs(run_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    return run_dir
+
+
+def run_validation(cfg: ValidateConfig, *, quiet: bool = False) -> ValidationResult:
+    """The whole stand-alone validation (see the module docstring)."""
+    from raymetric.ray_env import init_ray
+
+    plan = prepare_validation(cfg)
+    cfg = plan.cfg
+    run_dir = new_run_dir(cfg)
+    settings = SearchSettings.from_config(cfg.retrieval, max(cfg.topk_to_save or 0, cfg.metric_args.max_k),
+                                          torch.device("cpu"))
+    if plan.table is None:
+        from raymetric.validate.ray_data import embed_with_ray_data
+
+        init_ray(quiet=quiet)
+        table = embed_with_ray_data(plan)
+        if cfg.save_embeddings:
+            write_embeddings(table, os.path.join(run_dir, EMBEDDINGS_FILE))
+    else:
+        table = plan.table
+    if search_memory_bytes(table, settings) > cfg.retrieval.memory_budget_mb * 2**20:
+        init_ray(quiet=quiet)
+    out = score_table(table, cfg.metric_args, cfg.retrieval, k=cfg.topk_to_save, use_gpu=cfg.ray.use_gpu)
+    with open(os.path.join(run_dir, METRICS_FILE), "w") as f:
+        json.dump(out.metrics, f, indent=2)
+    write_topk_table(os.path.join(run_dir, TOPK_FILE), table, out, cfg.topk_to_save or cfg.metric_args.max_k)
+    if cfg.picture.n_queries and out.per_query:
+        picture = draw_picture(table, out, cfg.picture, cfg.metric_args, plan.frame)
+        picture.save(os.path.join(run_dir, PICTURE_FILE))
+    return ValidationResult(run_dir, out.metrics, out.searched_with)
