@@ -143,6 +143,18 @@ class LoaderConfig(_Strict):
     look_ahead: bool = True  # on a GPU, move and finish the next batch on a side stream during the step
 
 
+class PictureConfig(_Strict):
+    """The retrieval picture: the worst queries and what they retrieved, as OML draws it.
+
+    Drawn by the stand-alone validation, and by training at every validation when ``log_images`` is true.
+    """
+
+    n_queries: NonNegativeInt = 8  # rows, worst first; 0: no picture
+    n_retrieved: PositiveInt = 5  # retrieved items per row (plus the query and one missed relevant item)
+    metric: str | None = None  # per-query metric that ranks the queries; null: the first of metric_args
+    tile_size: PositiveInt = 128  # pixels per image
+
+
 class TrainConfig(_Strict):
     """Everything a training run needs. YAML files in configs/ give values for these keys."""
 
@@ -183,6 +195,7 @@ class TrainConfig(_Strict):
     # Experiment loggers (raymetric/loggers.py), OML's {name, args} or a list of them; null: none.
     logger: list[Block] = [Block(name="tensorboard")]
     log_images: bool = False  # also log validation's retrieval picture with the loggers (OML's key)
+    picture: PictureConfig = PictureConfig(tile_size=96)  # that picture, saved as <run>/pictures/*.png
     # Continue from an earlier run: its run directory (continued in place, any override applies, e.g. a
     # larger max_epochs), or a checkpoint (a checkpoint_* folder or a state.pt; a new run starts from it).
     resume_from: str | None = None
@@ -198,15 +211,6 @@ class TrainConfig(_Strict):
     @property
     def dataset_csv(self) -> str:
         return os.path.join(self.dataset_root, self.dataframe_name)
-
-
-class PictureConfig(_Strict):
-    """The stand-alone validation's picture: the worst queries and what they retrieved (as OML draws it)."""
-
-    n_queries: NonNegativeInt = 8  # rows, worst first; 0: no picture
-    n_retrieved: PositiveInt = 5  # retrieved items per row (plus the query and one missed relevant item)
-    metric: str | None = None  # per-query metric that ranks the queries; null: the first of metric_args
-    tile_size: PositiveInt = 128  # pixels per image
 
 
 class ValidateConfig(_Strict):
@@ -227,6 +231,34 @@ class ValidateConfig(_Strict):
     picture: PictureConfig = PictureConfig()
     save_embeddings: bool = True  # write the embeddings table into the run folder (with a checkpoint)
     topk_to_save: PositiveInt | None = None  # width of the per-query top-k table; null: the largest k computed
+    ray: RayConfig = RayConfig()  # num_workers = inference actors; storage_path and name as in training
+
+
+class IndexConfig(_Strict):
+    """The faiss index the predict job saves beside the embeddings, over their gallery rows (L2 distances)."""
+
+    type: Literal["flat", "ivf", "none"] = "flat"  # flat: exact; ivf: inverted lists, approximate; none: no index
+    nlist: PositiveInt | None = None  # IVF lists; null: about 4 x sqrt(N), with >= 39 training items per list
+    nprobe: PositiveInt = 16  # IVF lists visited per query (the search command can override it)
+
+
+class PredictConfig(_Strict):
+    """The predict job (jobs/predict.py): embeddings of a folder of images or a CSV, and a faiss index."""
+
+    postfix: str = "predict"
+    # The extractor: a run folder (its best checkpoint, else the latest), a checkpoint_* folder, a state.pt,
+    # or an export folder (jobs/export.py).
+    checkpoint: str
+    which: Literal["best", "latest"] = "best"  # which checkpoint of a run folder
+    # The images: a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp), or a CSV with a 'path'
+    # column (OML's dataset CSV, with its labels, splits and boxes, or any CSV with 'path').
+    images: str | None = None
+    dataframe: str | None = None
+    dataset_root: str | None = None  # relative paths of the CSV are joined to it; null: the CSV's folder
+    split: Literal["all", "train", "validation"] = "all"  # rows of an OML dataset CSV to embed
+    transforms: Block | None = None  # null: the checkpoint's transforms_val
+    bs: PositiveInt = 128  # images per inference batch
+    index: IndexConfig = IndexConfig()
     ray: RayConfig = RayConfig()  # num_workers = inference actors; storage_path and name as in training
 
 
@@ -294,11 +326,11 @@ def _normalise_raw(raw: dict) -> dict:
     return raw
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the dotted key."""
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the dotted key (under ``prefix``, e.g. ``tune``)."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join([prefix, *(str(p) for p in e["loc"])] if prefix else [str(p) for p in e["loc"]])
         if e["type"] == "extra_forbidden":
             lines.append(f"config key {key!r}: unknown key")
         elif e["type"] == "missing":
@@ -339,6 +371,20 @@ def dump_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (loadable with ``load_config``)."""
     with open(path, "w") as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+
+
+def make_run_dir(cfg) -> str:
+    """``<ray.storage_path>/<ray.name or date_time_postfix>``, created, with the resolved config in it.
+
+    Any job's config with ``ray`` and ``postfix`` keys (training, validation, predict).
+    """
+    from datetime import datetime
+
+    name = cfg.ray.name or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{cfg.postfix}"
+    run_dir = os.path.join(cfg.ray.storage_path, name)
+    os.makedirs(run_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    return run_dir
 
 
 def describe_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
@@ -414,6 +460,16 @@ def _build(key: str, build: Callable[[], Any]) -> Any:
         raise
     except Exception as err:  # a value the block itself rejects
         raise ConfigError(f"config key {key}: {type(err).__name__}: {err}") from None
+
+
+def check_picture(picture: PictureConfig, metric_args: MetricArgs) -> None:
+    """The picture ranks queries by a per-query metric that is computed. Raises ConfigError naming the key."""
+    per_query = [n for n in metric_args.metric_names() if n.split("@")[0] in ("cmc", "precision", "map")]
+    if picture.n_queries and picture.metric is not None and picture.metric not in per_query:
+        raise ConfigError(f"config key picture.metric: {picture.metric!r} is not a per-query metric computed; "
+                          f"computed: {per_query}")
+    if picture.n_queries and not per_query:
+        raise ConfigError("config key picture.n_queries: a picture needs a per-query metric (cmc, precision or map)")
 
 
 def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
@@ -529,6 +585,8 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
                 "or use a criterion with parameters such as arcface)"
             )
 
+    if cfg.log_images:
+        check_picture(cfg.picture, cfg.metric_args)
     metric = checkpoint_metric_key(cfg)
     known = cfg.metric_args.metric_names()
     if metric not in known:

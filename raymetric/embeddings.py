@@ -187,6 +187,15 @@ def _embedding_matrix(column: pa.ChunkedArray, n: int, problems: list[str]) -> n
     return np.asarray(values.to_numpy(zero_copy_only=False), np.float32).reshape(n, dim)
 
 
+def optional_strings(frame, column: str) -> np.ndarray | None:
+    """A frame's column as strings with None for missing cells (``sequence``, ``path``); None without it."""
+    import pandas as pd
+
+    if column not in frame:
+        return None
+    return np.array([None if pd.isna(v) else str(v) for v in frame[column]], object)
+
+
 def write_embeddings(table: EmbeddingsTable, path: str | os.PathLike) -> None:
     """Writes the table as one Parquet file."""
     pq.write_table(table.to_arrow(), path)

@@ -200,6 +200,17 @@ def _moments(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows) -> 
     return out
 
 
+@dataclass
+class ValidationDetails:
+    """What :func:`validation_metrics` found besides the metrics (the same on every worker)."""
+
+    topk: TopK  # [Q, k] every query's merged top-k, queries in row order
+    query_ids: np.ndarray  # [Q] their validation rows
+    is_relevant: torch.Tensor  # [Q, k]
+    n_retrieved: torch.Tensor  # [Q]
+    searcher: DistributedSearcher
+
+
 def validation_metrics(
     emb: torch.Tensor,
     row_ids: torch.Tensor,
@@ -207,7 +218,8 @@ def validation_metrics(
     metric_args,
     *,
     retrieval=None,
-) -> dict[str, float]:
+    return_details: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], ValidationDetails]:
     """Retrieval metrics of the validation set embedded across workers (collective; same result everywhere).
 
     Args:
@@ -216,6 +228,7 @@ def validation_metrics(
         rows: Metadata of all validation rows.
         metric_args: ``raymetric.config.MetricArgs``.
         retrieval: ``raymetric.config.RetrievalConfig`` (search settings, post-processing); None: the defaults.
+        return_details: also return the :class:`ValidationDetails` (for the retrieval picture).
 
     Returns:
         Flat keys: ``cmc@1``, ``precision@5``, ``map@5``, ``fnmr@fmr=0.1``, ``pcf@0.5``, ...,
@@ -247,4 +260,62 @@ def validation_metrics(
         pair_histogram=None if histogram is None else histogram.cpu(), moments=moments,
     )
     metrics["n_gallery"] = int(all_reduce_sum(torch.tensor(len(searcher.gallery_ids), device=emb.device)).item())
+    if return_details:
+        return metrics, ValidationDetails(merged, all_ids, is_relevant.cpu(), n_retrieved.cpu(), searcher)
     return metrics
+
+
+def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows, details: ValidationDetails,
+                       metric_args, picture) -> list:
+    """The retrieval picture's rows of a validation inside training: the worst queries (collective).
+
+    Like the stand-alone job's picture (:func:`raymetric.validate.draw_picture`): queries ranked by
+    ``picture.metric`` (queries with nothing relevant last), each with its top items and the nearest
+    relevant gallery item it missed. The query embeddings and each worker's nearest missed item travel
+    as ``[n_queries, D]`` and ``[n_queries]`` tensors; the gallery stays sharded.
+
+    Args:
+        emb, row_ids: this worker's embeddings and their validation rows (as for :func:`validation_metrics`).
+        details: what :func:`validation_metrics` returned with ``return_details=True``.
+        picture: ``raymetric.config.PictureConfig``.
+
+    Returns:
+        ``list[raymetric.visualize.PictureRow]``, the same on every worker.
+    """
+    from raymetric.metrics import per_query_metrics
+    from raymetric.visualize import PictureRow, worst_queries
+
+    topk, searcher = details.topk, details.searcher
+    per_query = per_query_metrics(details.is_relevant, details.n_retrieved, topk.n_gt.cpu(),
+                                  cmc_top_k=metric_args.cmc_top_k, precision_top_k=metric_args.precision_top_k,
+                                  map_top_k=metric_args.map_top_k)
+    name = picture.metric or next(iter(per_query))
+    values = torch.where(topk.n_gt.cpu() > 0, per_query[name].double(), float("inf"))
+    chosen = worst_queries(values, picture.n_queries)
+    qids = torch.as_tensor(details.query_ids[chosen], dtype=torch.int64, device=emb.device)
+    # The chosen queries' embeddings, from whichever worker holds each.
+    pos = own_rows(qids, row_ids.to(emb.device))
+    q_emb = all_reduce_sum(emb[pos.clamp_min(0)].float() * (pos >= 0)[:, None])
+    # Each worker's nearest relevant gallery item not shown; the nearest over the workers (ties: lower id).
+    gallery_ids = searcher.gallery_ids
+    shown = topk.gallery_ids[chosen, :picture.n_retrieved].to(emb.device)
+    labels, sequences = searcher.labels, torch.as_tensor(rows.sequences, device=emb.device)
+    dist = torch.cdist(q_emb.double(), searcher.gallery_emb.double())  # [n_queries, local gallery]
+    relevant = (labels[gallery_ids][None] == labels[qids][:, None]) & (gallery_ids[None] != qids[:, None])
+    relevant &= ~((sequences[gallery_ids][None] == sequences[qids][:, None]) & (sequences[qids][:, None] != -1))
+    relevant &= ~(gallery_ids[None, :, None] == shown[:, None, :]).any(-1)
+    dist = torch.where(relevant, dist, float("inf"))
+    best = dist.min(1) if dist.shape[1] else None
+    mine_d = best.values if best is not None else torch.full((len(qids),), float("inf"), dtype=torch.float64)
+    mine_id = gallery_ids[best.indices] if best is not None else torch.full_like(qids, -1)
+    all_d, all_id = all_gather_nograd(mine_d[None].to(emb.device)), all_gather_nograd(mine_id[None].to(emb.device))
+    out = []
+    for i, q in enumerate(chosen):
+        qid = int(details.query_ids[q])
+        retrieved = [(int(g), float(d), bool(rows.labels[g] == rows.labels[qid]))
+                     for g, d in zip(topk.gallery_ids[q].tolist(), topk.dist[q].tolist()) if g >= 0]
+        d, g = all_d[:, i].cpu(), all_id[:, i].cpu()  # [W]: each worker's candidate
+        order = sorted(range(len(d)), key=lambda w: (float(d[w]), int(g[w])))
+        missed = None if not torch.isfinite(d[order[0]]) else (int(g[order[0]]), float(d[order[0]]))
+        out.append(PictureRow(qid, f"#{qid} {name}={float(values[q]):.2f}", retrieved, missed))
+    return out

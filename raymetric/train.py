@@ -20,7 +20,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -45,14 +44,15 @@ from raymetric.checkpoint import (
     step_seed,
     training_state,
 )
-from raymetric.config import ConfigError, TrainConfig, check_config, checkpoint_metric_key, dump_config
+from raymetric.config import ConfigError, TrainConfig, check_config, checkpoint_metric_key, dump_config, make_run_dir
 from raymetric.data.csv import load_dataset_csv, remap_labels
 from raymetric.data.dataset import ImageDataset, collate_dropping, collate_substituting
 from raymetric.data.loading import DeviceBatches, build_train_input, loader_kwargs, pin_memory_for
 from raymetric.data.transforms import build_transforms
 from raymetric.distributed import all_reduce_sum, world
-from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics
+from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics, worst_picture_rows
 from raymetric.extractors import build_extractor
+from raymetric.loggers import IMAGES_KEY
 from raymetric.losses import build_criterion
 from raymetric.optim import build_lr_schedule, build_optimizer, extractor_param_groups, param_groups, set_trainable
 from raymetric.samplers import GlobalPlanSampler, build_sampler
@@ -104,7 +104,7 @@ def prepare_run(cfg: TrainConfig, extractors: dict | None = None) -> tuple[Train
     if in_features is not None:
         in_features = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors).feat_dim
     try:  # the criterion's checks with the run's numbers (ArcFace: the number of labels)
-        criterion = build_criterion(
+        build_criterion(
             cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=in_features or 8,
             num_classes=int(labels.max()) + 1 if len(labels) else 0, label2category=_label2category(train_df, labels),
         )
@@ -255,11 +255,7 @@ def resume_run_dir(cfg: TrainConfig) -> str | None:
 
 def new_run_dir(cfg: TrainConfig) -> str:
     """``<storage_path>/<ray.name or date_time_postfix>``, created, with the resolved config in it."""
-    name = cfg.ray.name or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{cfg.postfix}"
-    run_dir = os.path.join(cfg.ray.storage_path, name)
-    os.makedirs(run_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(run_dir, CONFIG_FILE))
-    return run_dir
+    return make_run_dir(cfg)
 
 
 def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False, verbose: bool = False) -> RunResult:
@@ -324,6 +320,7 @@ class TrainData:
     my_val_rows: np.ndarray
     num_classes: int
     label2category: dict[int, str] | None
+    val_frame: pd.DataFrame | None = None  # the validation rows (paths, boxes): the retrieval picture's images
 
 
 def build_train_sampler(cfg: TrainConfig, train_df: pd.DataFrame, world_size: int, rank: int) -> GlobalPlanSampler:
@@ -379,7 +376,25 @@ def setup_data(
         train_loader, DeviceBatches(train_loader, to_device, cfg.loader.look_ahead), sampler, val_loader,
         ValidationRows.from_frame(val_df), my_val_rows,
         num_classes=int(train_labels.max()) + 1, label2category=_label2category(train_df, train_labels),
+        val_frame=val_df,
     )
+
+
+PICTURE_TAG = "val/retrieval"
+PICTURES_DIR = "pictures"
+
+
+def save_training_picture(rows: list, val_frame: pd.DataFrame, picture, run_dir: str, epoch: int) -> str:
+    """Draws the retrieval picture of a validation into ``<run>/pictures/retrieval_epoch_<epoch>.png``."""
+    from raymetric.visualize import frame_image, retrieval_picture
+
+    image = retrieval_picture(rows, lambda item: frame_image(val_frame, item), picture.n_retrieved,
+                              picture.tile_size, title=f"epoch {epoch}: worst {len(rows)} validation queries")
+    os.makedirs(os.path.join(run_dir, PICTURES_DIR), exist_ok=True)
+    path = os.path.join(run_dir, PICTURES_DIR, f"retrieval_epoch_{epoch:04d}.png")
+    image.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)  # the loggers on the driver never read half a file
+    return path
 
 
 def _format_epoch_line(epoch: int, max_epochs: int, metrics: dict, key: str, eta_s: float) -> str:
@@ -462,14 +477,24 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     criterion_ddp = wrap_ddp(criterion, device)  # ArcFace's class weights: averaged like the model's gradients
     model, frozen = extractor, None
 
-    def validate() -> dict:
+    picture_wanted = bool(cfg.log_images and cfg.picture.n_queries and run_dir)
+
+    def validate(epoch: int) -> tuple[dict, dict]:
+        """Validation metrics, and the report's ``images`` (rank 0: the retrieval picture when log_images)."""
         emb, index = embed(extractor, data.val_loader, device, autocast_dtype)
         row_ids = torch.as_tensor(data.my_val_rows, dtype=torch.int64)[index]
-        metrics = validation_metrics(emb, row_ids, data.val_rows, cfg.metric_args, retrieval=cfg.retrieval)
+        out = validation_metrics(emb, row_ids, data.val_rows, cfg.metric_args, retrieval=cfg.retrieval,
+                                 return_details=picture_wanted)
+        metrics, details = out if picture_wanted else (out, None)
         if cfg.on_bad_image == "skip":  # rows left out because their image could not be read (a collective)
             n_bad = all_reduce_sum(torch.tensor(float(len(data.my_val_rows) - len(index)), device=device))
             metrics["n_bad_images"] = int(n_bad.item())
-        return metrics
+        images = {}
+        if details is not None:
+            rows = worst_picture_rows(emb, row_ids, data.val_rows, details, cfg.metric_args, cfg.picture)  # collective
+            if rank == 0:
+                images[PICTURE_TAG] = save_training_picture(rows, data.val_frame, cfg.picture, run_dir, epoch)
+        return metrics, images
 
     def save_and_report(metrics: dict, epoch: int, step: int, sums: dict, n_steps: int, new_best: bool) -> None:
         # Ray: every rank calls this (the RNG gather is a collective, report a barrier); rank 0 writes.
@@ -499,8 +524,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             ray.train.report(metrics, checkpoint=ckpt)
 
     if cfg.validate_untrained and epoch0 == 0 and step0 == 0:
-        last_val = validate()
-        ray.train.report({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()})
+        last_val, images = validate(0)
+        ray.train.report({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()} | ({IMAGES_KEY: images} if images else {}))
         if rank == 0 and not quiet:
             print(f"epoch 0/{cfg.max_epochs}  untrained  val/{metric_key} {last_val.get(metric_key, float('nan')):.4f}", flush=True)
 
@@ -562,15 +587,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics["train/epoch_time_s"] = epoch_time
         if cfg.on_bad_image == "skip":  # a collective, so only where the policy makes it count
             metrics["train/bad_images"] = int(all_reduce_sum(torch.tensor(float(bad_images), device=device)).item())
-        new_best = False
+        new_best, images = False, {}
         if (epoch + 1) % cfg.valid_period == 0 or epoch + 1 == cfg.max_epochs:
-            last_val = validate()
+            last_val, images = validate(epoch + 1)
             metrics |= {f"val/{k}": v for k, v in last_val.items()}
             value = last_val.get(metric_key)
             if value is not None and not math.isnan(value) and (best is None or sign * value > sign * best):
                 best, best_epoch, new_best = value, epoch + 1, True
         metrics["best/" + metric_key] = best if best is not None else float("nan")
-        save_and_report(metrics, epoch + 1, 0, {}, 0, new_best)
+        save_and_report(metrics | ({IMAGES_KEY: images} if images else {}), epoch + 1, 0, {}, 0, new_best)
         if rank == 0 and not quiet:
             done = epoch + 1 - epoch0
             eta = (time.time() - started) / done * (cfg.max_epochs - epoch - 1)

@@ -70,6 +70,23 @@ def nearest_missed(query_emb: np.ndarray, query_id: int, shown: set[int], releva
     return int(relevant_ids[keep][best]), float(dist[best])
 
 
+def frame_image(frame, row: int) -> Image.Image | None:
+    """The image of a dataset frame's row (``path``, cropped to its box when the bbox columns hold one).
+
+    None when the file is missing or broken: the picture shows a placeholder tile and still helps.
+    """
+    import pandas as pd
+
+    from raymetric.data.dataset import read_image
+
+    try:
+        box = [frame.at[row, c] for c in ("x_1", "y_1", "x_2", "y_2")] if "x_1" in frame else None
+        box = None if box is None or any(pd.isna(v) for v in box) else [int(v) for v in box]
+        return read_image(frame.at[row, "path"], box)
+    except Exception:
+        return None
+
+
 def _tile(image: Image.Image | None, size: int, color: tuple[int, int, int], placeholder: str) -> Image.Image:
     tile = Image.new("RGB", (size, size), color)
     inner = size - 2 * FRAME

@@ -23,17 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "jobs"))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
-TINY = [  # as tests/test_train_job.py
-    "sampler.args.n_labels=4",
-    "sampler.args.n_instances=2",
-    "transforms_train.args.im_size=32",
-    "transforms_val.args.im_size=32",
-    "extractor.args.arch=resnet10t",
-    "demo_data=null",
-    "validate_untrained=true",
-    "scheduling.scheduler.args.T_max=1",
-    "max_epochs=1",
-]
+from tests.test_train_job import TINY as TRAIN_JOB_TINY  # noqa: E402
+
+TINY = [*TRAIN_JOB_TINY, "scheduling.scheduler.args.T_max=1", "max_epochs=1"]  # later overrides win
 # Per-epoch values that depend on the clock, not on the numbers.
 TIMING_KEYS = {"time", "checkpoint", "train/images_per_s", "train/epoch_time_s"}
 

@@ -75,3 +75,44 @@ def test_distributed_validation_equals_one_process(world_size):
 def test_single_process_without_a_process_group():
     frame, emb = make_frame(seed=1)
     assert _rank_metrics(frame, emb, METRICS, RETRIEVAL) == pytest.approx(oracle(frame, emb))
+
+
+def _rank_picture(frame, emb, metric_args, retrieval, picture):
+    from raymetric.config import PictureConfig
+    from raymetric.distributed import world
+    from raymetric.evaluation import worst_picture_rows
+
+    rank, world_size = world()
+    rows = ValidationRows.from_frame(frame)
+    mine = torch.as_tensor(shard_rows(len(frame), rank, world_size))
+    emb_t = torch.from_numpy(emb[mine.numpy()])
+    args, picture = MetricArgs(**metric_args), PictureConfig(**picture)
+    _, details = validation_metrics(emb_t, mine, rows, args, retrieval=RetrievalConfig(**retrieval), return_details=True)
+    return worst_picture_rows(emb_t, mine, rows, details, args, picture)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("metric", [None, "map@5"])
+def test_training_picture_rows_equal_the_stand_alone_picture(world_size, metric):
+    """The worst queries, their top items and the nearest missed relevant item, with the gallery sharded."""
+    from raymetric.config import PictureConfig
+    from raymetric.validate.outputs import picture_rows
+
+    frame, emb = make_frame(seed=2)
+    picture = {"n_queries": 6, "n_retrieved": 3, "metric": metric}
+    table = EmbeddingsTable(emb, frame["label"].to_numpy(), frame["is_query"].to_numpy(), frame["is_gallery"].to_numpy(),
+                            frame["category"].to_numpy(),
+                            np.array([None if pd.isna(s) else s for s in frame["sequence"]], object))
+    expected, _ = picture_rows(table, score_table(table, MetricArgs(**METRICS), RetrievalConfig(**RETRIEVAL)),
+                               PictureConfig(**picture))
+    results = (run_in_ddp(world_size, _rank_picture, frame, emb, METRICS, RETRIEVAL, picture) if world_size > 1
+               else [_rank_picture(frame, emb, METRICS, RETRIEVAL, picture)])
+    assert any(row.missed for row in expected) and len(expected) == 6
+    for rows in results:
+        assert [(r.query_id, r.title) for r in rows] == [(r.query_id, r.title) for r in expected]
+        for got, want in zip(rows, expected):
+            assert [(g, rel) for g, _, rel in got.retrieved] == [(g, rel) for g, _, rel in want.retrieved]
+            np.testing.assert_allclose([d for _, d, _ in got.retrieved], [d for _, d, _ in want.retrieved], rtol=1e-5)
+            assert (got.missed is None) == (want.missed is None)
+            if want.missed:
+                assert got.missed[0] == want.missed[0] and got.missed[1] == pytest.approx(want.missed[1], rel=1e-6)

@@ -28,7 +28,8 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
 
     rc = train_job.main(
         ["--config", os.path.join(ROOT, "configs", "demo.yaml"), f"dataset_root={tiny_demo}",
-         f"ray.storage_path={tmp_path}", "ray.name=e2e", "max_epochs=2", "valid_period=1", *TINY]
+         f"ray.storage_path={tmp_path}", "ray.name=e2e", "max_epochs=2", "valid_period=1", *TINY,
+         "log_images=true", "picture.n_queries=4", "picture.tile_size=48"]
     )
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -65,7 +66,8 @@ def _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
     from raymetric.export import export_extractor, extractor_from_checkpoint, load_exported
 
     # TensorBoard events (the default logger), read with TensorBoard's own reader; "@" is logged as "/".
-    events = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"),
+                              size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/active_triplets", "train/pos_dist", "train/neg_dist", "train/lr",
@@ -75,6 +77,12 @@ def _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert events.Scalars("val/cmc/1")[-1].value == pytest.approx(metrics["cmc@1"])
     assert "config/text_summary" in events.Tags()["tensors"]
+    # log_images: the retrieval picture of every validation (4 worst queries, 5 retrieved, 48 px tiles).
+    from raymetric.visualize import picture_size
+
+    width, height = picture_size(4, 5, 48)
+    assert [(e.step, e.width, e.height) for e in events.Images("val/retrieval")] == [(s, width, height) for s in (0, 1, 2)]
+    assert sorted(os.listdir(os.path.join(run_dir, "pictures"))) == [f"retrieval_epoch_000{s}.png" for s in (0, 1, 2)]
 
     # The driver's progress lines: one per report, no Ray log lines in between.
     assert out[0].startswith("run directory: ")

@@ -30,7 +30,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from raymetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check_size
+from raymetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check_size, resize_steps
 
 Generators = tuple[torch.Generator, torch.Generator]  # (on the CPU: crop boxes; on the device: flips, jitter)
 
@@ -196,14 +196,7 @@ def norm_resize_torch(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> DeviceTransform:
     """``norm_resize_torch`` split: resize (and centre crop) on the host, normalisation on the device."""
-    _check_size("im_size", im_size)
-    steps = [v2.Resize((im_size, im_size), antialias=True)]
-    if crop_size is not None:
-        _check_size("crop_size", crop_size)
-        if crop_size > im_size:
-            raise ValueError(f"crop_size ({crop_size}) must not exceed im_size ({im_size})")
-        steps.append(v2.CenterCrop(crop_size))
-    host = v2.Compose([*steps, v2.PILToTensor()])
+    host = v2.Compose([*resize_steps(im_size, crop_size), v2.PILToTensor()])
 
     def finish(images: torch.Tensor, gens: Generators) -> torch.Tensor:
         return normalise(to_unit_float(images), mean, std)

@@ -63,14 +63,7 @@ def norm_resize_torch(
         mean: Per-channel mean subtracted after scaling to [0, 1].
         std: Per-channel std divided by.
     """
-    _check_size("im_size", im_size)
-    steps = [v2.Resize((im_size, im_size), antialias=True)]
-    if crop_size is not None:
-        _check_size("crop_size", crop_size)
-        if crop_size > im_size:
-            raise ValueError(f"crop_size ({crop_size}) must not exceed im_size ({im_size})")
-        steps.append(v2.CenterCrop(crop_size))
-    return v2.Compose([*steps, *_to_normalised_tensor(mean, std)])
+    return v2.Compose([*resize_steps(im_size, crop_size), *_to_normalised_tensor(mean, std)])
 
 
 def norm_torch(
@@ -97,6 +90,18 @@ def _to_normalised_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> li
         # A plain Tensor, not a tv_tensors.Image: nothing downstream needs the subclass.
         v2.ToPureTensor(),
     ]
+
+
+def resize_steps(im_size: int, crop_size: int | None) -> list[Callable]:
+    """Resize to ``im_size`` squared, then a centre crop of ``crop_size`` when given (checked)."""
+    _check_size("im_size", im_size)
+    steps = [v2.Resize((im_size, im_size), antialias=True)]
+    if crop_size is not None:
+        _check_size("crop_size", crop_size)
+        if crop_size > im_size:
+            raise ValueError(f"crop_size ({crop_size}) must not exceed im_size ({im_size})")
+        steps.append(v2.CenterCrop(crop_size))
+    return steps
 
 
 def _check_size(name: str, value: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
+import numpy as np  # noqa: F401  (the doctests use it)
 
 from raymetric.samplers.balance import BalancedBatchSampler, check_balance_args
 from raymetric.samplers.base import GlobalPlanSampler, SamplerError

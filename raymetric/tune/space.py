@@ -28,7 +28,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
 
-from raymetric.config import Block, ConfigError, TrainConfig, apply_override, build_config, parse_yaml
+from raymetric.config import (
+    Block,
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    build_config,
+    format_validation_error,
+    parse_yaml,
+)
 
 # Set by the sweep for every trial (its run directory is the trial's directory).
 RESERVED_KEYS = ("ray.storage_path", "ray.name")
@@ -127,16 +135,7 @@ def parse_sweep_config(tune_raw: dict) -> SweepConfig:
     try:
         return SweepConfig.model_validate(tune_raw)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(["tune", *(str(p) for p in e["loc"])])
-            if e["type"] == "extra_forbidden":
-                lines.append(f"config key {key!r}: unknown key")
-            elif e["type"] == "missing":
-                lines.append(f"config key {key!r}: required, but not given")
-            else:
-                lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(err, prefix="tune")) from None
 
 
 def flatten_search(search: dict, prefix: str = "") -> dict:

@@ -33,10 +33,9 @@ def write_topk_table(path: str, table: EmbeddingsTable, out: ValidationOutput, w
     pq.write_table(pa.table(columns), path)
 
 
-def draw_picture(table: EmbeddingsTable, out: ValidationOutput, picture, metric_args: MetricArgs,
-                 frame: pd.DataFrame | None = None):
-    """The worst queries by ``picture.metric`` with their top items and a missed relevant one."""
-    from raymetric.visualize import PictureRow, nearest_missed, retrieval_picture, worst_queries
+def picture_rows(table: EmbeddingsTable, out: ValidationOutput, picture) -> tuple[list, str]:
+    """The picture's rows (``raymetric.visualize.PictureRow``, worst query first) and the metric ranking them."""
+    from raymetric.visualize import PictureRow, nearest_missed, worst_queries
 
     metric = picture.metric or next(iter(out.per_query))
     # Queries with nothing relevant to find go last: their low values say nothing about the model.
@@ -54,19 +53,21 @@ def draw_picture(table: EmbeddingsTable, out: ValidationOutput, picture, metric_
                                 relevant, table.embeddings[relevant])
         value = float(values[q])
         rows.append(PictureRow(qid, f"#{qid} {metric}={value:.2f}", shown, missed))
+    return rows, metric
+
+
+def draw_picture(table: EmbeddingsTable, out: ValidationOutput, picture, metric_args: MetricArgs,
+                 frame: pd.DataFrame | None = None):
+    """The worst queries by ``picture.metric`` with their top items and a missed relevant one."""
+    from raymetric.visualize import frame_image, retrieval_picture
+
+    rows, metric = picture_rows(table, out, picture)
 
     def load_image(item: int):
-        from raymetric.data.dataset import read_image
-
-        try:
-            if frame is not None:
-                box = [frame.at[item, c] for c in ("x_1", "y_1", "x_2", "y_2")] if "x_1" in frame else None
-                box = None if box is None or any(pd.isna(v) for v in box) else [int(v) for v in box]
-                return read_image(frame.at[item, "path"], box)
-            if table.paths is not None and table.paths[item]:
-                return read_image(table.paths[item])
-        except Exception:  # a missing or broken image: a placeholder tile, the picture still helps
-            return None
+        if frame is not None:
+            return frame_image(frame, item)
+        if table.paths is not None and table.paths[item]:
+            return frame_image(pd.DataFrame({"path": [table.paths[item]]}), 0)
         return None
 
     return retrieval_picture(rows, load_image, picture.n_retrieved, picture.tile_size,

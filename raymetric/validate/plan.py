@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raymetric.config import ConfigError, MetricArgs, TrainConfig, ValidateConfig
-from raymetric.embeddings import EmbeddingsTable, read_embeddings
+from raymetric.config import ConfigError, MetricArgs, TrainConfig, ValidateConfig, check_picture
+from raymetric.embeddings import EmbeddingsTable, optional_strings, read_embeddings
 from raymetric.search import check_retrieval_config
 
 STATE_FILE = "state.pt"
@@ -66,12 +66,7 @@ def load_checkpoint(state_path: str) -> tuple[TrainConfig, dict]:
 
 def check_validate_config(cfg: ValidateConfig, metric_args: MetricArgs) -> None:
     """Cross-key checks of a validation config. Raises ConfigError naming the key."""
-    per_query = [n for n in metric_args.metric_names() if n.split("@")[0] in ("cmc", "precision", "map")]
-    if cfg.picture.n_queries and cfg.picture.metric is not None and cfg.picture.metric not in per_query:
-        raise ConfigError(f"config key picture.metric: {cfg.picture.metric!r} is not a per-query metric computed; "
-                          f"computed: {per_query}")
-    if cfg.picture.n_queries and not per_query:
-        raise ConfigError("config key picture.n_queries: a picture needs a per-query metric (cmc, precision or map)")
+    check_picture(cfg.picture, metric_args)
     check_retrieval_config(cfg.retrieval, metric_args)
 
 
@@ -129,17 +124,12 @@ def prepare_validation(cfg: ValidateConfig) -> ValidationPlan:
 def table_from_frame(frame: pd.DataFrame, embeddings: np.ndarray) -> EmbeddingsTable:
     """The embeddings table of a dataset's validation rows (row ``i`` of the frame is item ``i``)."""
 
-    def strings(column: str) -> np.ndarray | None:
-        if column not in frame:
-            return None
-        return np.array([None if pd.isna(v) else str(v) for v in frame[column]], object)
-
     return EmbeddingsTable(
         embeddings=np.ascontiguousarray(embeddings, np.float32),
         labels=np.asarray(frame["label"], np.int64),
         is_query=np.asarray(frame["is_query"], bool),
         is_gallery=np.asarray(frame["is_gallery"], bool),
         categories=None if "category" not in frame else frame["category"].astype(str).to_numpy(),
-        sequences=strings("sequence"),
-        paths=strings("path"),
+        sequences=optional_strings(frame, "sequence"),
+        paths=optional_strings(frame, "path"),
     ).check("validation rows")

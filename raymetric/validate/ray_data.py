@@ -77,39 +77,58 @@ def _decode(batch: dict, refs: list, transforms: dict) -> dict:
 
 def embed_with_ray_data(plan: ValidationPlan) -> EmbeddingsTable:
     """Embeddings of the plan's validation rows with a Ray Data actor pool (``ray.num_workers`` actors)."""
+    cfg = plan.cfg
+    _, state = load_checkpoint(plan.state_path)
+    extractor = {"name": plan.train_cfg.extractor.name, "args": _model_args(plan.train_cfg)}
+    emb = embed_frame(plan.frame, state, extractor, cfg.transforms_val.model_dump(), batch_size=cfg.bs_val,
+                      ray_cfg=cfg.ray)
+    return table_from_frame(plan.frame, emb)
+
+
+def embed_frame(frame: pd.DataFrame, state: dict, extractor: dict, transforms: dict, *, batch_size: int,
+                ray_cfg) -> np.ndarray:
+    """``[len(frame), D]`` embeddings of a frame's images (rows with ``path``, optional boxes) on Ray Data.
+
+    Args:
+        frame: the rows to embed, in order; ``label`` is not needed.
+        state: the extractor's state dict.
+        extractor: ``{"name", "args"}`` that :func:`raymetric.extractors.build_extractor` rebuilds it from.
+        transforms: ``{"name", "args"}`` of the image transform.
+        batch_size: images per inference batch.
+        ray_cfg: ``raymetric.config.RayConfig``: ``num_workers`` actors, ``cpus_per_worker``, ``use_gpu``
+            (decoding in CPU tasks, the model in GPU actors).
+    """
     import ray
     import ray.data
 
     from raymetric.data.dataset import ImageDataset  # noqa: F401  (fail here, not in an actor)
 
     _quiet_ray_data()
-    cfg, frame = plan.cfg, plan.frame
-    _, state = load_checkpoint(plan.state_path)
+    if "label" not in frame:
+        frame = frame.assign(label=np.zeros(len(frame), np.int64))  # ImageDataset's items carry one
     refs = [ray.put(state), ray.put(frame)]
-    extractor = {"name": plan.train_cfg.extractor.name, "args": _model_args(plan.train_cfg)}
-    transforms = cfg.transforms_val.model_dump()
-    n_blocks = max(cfg.ray.num_workers * 2, -(-len(frame) // (cfg.bs_val * 4)))
+    n_blocks = max(ray_cfg.num_workers * 2, -(-len(frame) // (batch_size * 4)))
     parts = np.array_split(np.arange(len(frame), dtype=np.int64), min(n_blocks, len(frame)))
     # Blocks built on the driver: no repartition, which can starve an actor pool of CPUs (RAY_NOTES §5).
     ds = ray.data.from_pandas([pd.DataFrame({"row": part}) for part in parts if len(part)])
-    pool = ray.data.ActorPoolStrategy(size=cfg.ray.num_workers)
-    threads = max(1, int(cfg.ray.cpus_per_worker))
-    if cfg.ray.use_gpu:
-        ds = ds.map_batches(_decode, fn_kwargs={"refs": refs[1:], "transforms": transforms}, batch_size=cfg.bs_val,
+    pool = ray.data.ActorPoolStrategy(size=ray_cfg.num_workers)
+    threads = max(1, int(ray_cfg.cpus_per_worker))
+    if ray_cfg.use_gpu:
+        ds = ds.map_batches(_decode, fn_kwargs={"refs": refs[1:], "transforms": transforms}, batch_size=batch_size,
                             num_cpus=1)
         ds = ds.map_batches(_DecodeEmbed, fn_constructor_kwargs={"refs": refs, "extractor": extractor,
                                                                  "transforms": None, "threads": threads},
-                            batch_size=cfg.bs_val, compute=pool, num_gpus=1, num_cpus=0)
+                            batch_size=batch_size, compute=pool, num_gpus=1, num_cpus=0)
     else:
         ds = ds.map_batches(_DecodeEmbed, fn_constructor_kwargs={"refs": refs, "extractor": extractor,
                                                                  "transforms": transforms, "threads": threads},
-                            batch_size=cfg.bs_val, compute=pool, num_cpus=cfg.ray.cpus_per_worker)
+                            batch_size=batch_size, compute=pool, num_cpus=ray_cfg.cpus_per_worker)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     row = np.concatenate([p["row"] for p in parts])
     emb = np.concatenate([p["embedding"] for p in parts])
     out = np.empty_like(emb)
     out[row] = emb
-    return table_from_frame(frame, out)
+    return out
 
 
 def _shard_arrays(batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:

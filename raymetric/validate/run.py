@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
 
 import torch
 
-from raymetric.config import ValidateConfig, dump_config
+from raymetric.config import ValidateConfig, make_run_dir
 from raymetric.embeddings import write_embeddings
 from raymetric.search import SearchSettings
 from raymetric.validate.outputs import draw_picture, write_topk_table
@@ -33,11 +32,7 @@ class ValidationResult:
 
 
 def new_run_dir(cfg: ValidateConfig) -> str:
-    name = cfg.ray.name or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{cfg.postfix}"
-    run_dir = os.path.join(cfg.ray.storage_path, name)
-    os.makedirs(run_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(run_dir, CONFIG_FILE))
-    return run_dir
+    return make_run_dir(cfg)
 
 
 def run_validation(cfg: ValidateConfig, *, quiet: bool = False) -> ValidationResult:
