@@ -8,7 +8,8 @@ On a running cluster (outputs go to ray.storage_path, shared storage on a real c
     ray job submit --working-dir . -- python jobs/validate.py --config configs/validate_demo.yaml \
         checkpoint=/mnt/shared/runs/<run> ray.num_workers=4 ray.use_gpu=true ray.storage_path=/mnt/shared/runs
 
-`checkpoint` takes a run folder (its latest checkpoint), a checkpoint_* folder or a state.pt; the
+`checkpoint` takes a run folder (its best checkpoint, best/state.pt, else its latest), a checkpoint_*
+folder or a state.pt; the
 dataset, transforms and metrics default to the checkpoint's training config. Inference runs on a Ray
 Data actor pool (`ray.num_workers` actors); a gallery whose search fits `retrieval.memory_budget_mb`
 is searched in this process, a larger one in shards over Ray Data. The top-k is exact either way.

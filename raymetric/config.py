@@ -217,7 +217,7 @@ class ValidateConfig(_Strict):
     """The stand-alone validation job (jobs/validate.py): a checkpoint and a dataset, or an embeddings table."""
 
     postfix: str = "validation"
-    # A raymetric checkpoint: its state.pt, its checkpoint_* folder, or a run folder (its latest checkpoint).
+    # A raymetric checkpoint: its state.pt, its checkpoint_* folder, or a run folder (best/state.pt, else the latest).
     checkpoint: str | None = None
     # Or a Parquet embeddings table (raymetric/embeddings.py) made elsewhere; then no model runs.
     embeddings: str | None = None

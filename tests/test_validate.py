@@ -104,7 +104,10 @@ def test_resolve_checkpoint_file_folder_and_run(tmp_path):
     latest = str(tmp_path / "checkpoint_2026-01-02_00-00-00.000001" / "state.pt")
     assert resolve_checkpoint(str(tmp_path)) == latest
     assert resolve_checkpoint(os.path.dirname(latest)) == latest == resolve_checkpoint(latest)
-    with pytest.raises(ConfigError, match="config key checkpoint: no state.pt"):
+    (tmp_path / "best").mkdir()  # the best checkpoint, when training kept one, comes first
+    (tmp_path / "best" / "state.pt").write_bytes(b"x")
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "best" / "state.pt")
+    with pytest.raises(ConfigError, match="config key checkpoint: no such file or directory"):
         resolve_checkpoint(str(tmp_path / "nothing"))
 
 

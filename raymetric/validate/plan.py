@@ -6,7 +6,6 @@ the dataset's column and rows (``raymetric.data.csv``) or the embeddings table's
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ import torch
 from raymetric.config import ConfigError, MetricArgs, TrainConfig, ValidateConfig, check_picture
 from raymetric.embeddings import EmbeddingsTable, optional_strings, read_embeddings
 from raymetric.search import check_retrieval_config
-
-STATE_FILE = "state.pt"
 
 
 @dataclass
@@ -35,17 +32,15 @@ class ValidationPlan:
 def resolve_checkpoint(path: str) -> str:
     """The ``state.pt`` of a checkpoint given as the file, its ``checkpoint_*`` folder or a run folder.
 
-    A run folder gives its latest checkpoint (Ray names them by time, so the last name is the latest).
+    A run folder gives its best checkpoint (``best/state.pt``, by ``metric_for_checkpointing``), else its
+    latest, as ``jobs/export.py`` and ``jobs/predict.py`` do.
     """
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return os.path.join(path, STATE_FILE)
-    found = sorted(glob.glob(os.path.join(path, "checkpoint_*", STATE_FILE)))
-    if found:
-        return found[-1]
-    raise ConfigError(f"config key checkpoint: no {STATE_FILE} at {path!r} (give the file, a checkpoint_* "
-                      f"folder or a run folder)")
+    from raymetric.export import ExportError, find_checkpoint
+
+    try:
+        return find_checkpoint(path, "best")
+    except ExportError as err:
+        raise ConfigError(f"config key checkpoint: {err} (give the file, a checkpoint_* folder or a run folder)") from None
 
 
 def load_checkpoint(state_path: str) -> tuple[TrainConfig, dict]:
