@@ -80,3 +80,18 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every worker takes rank ``src``'s buffers (BatchNorm running statistics); a collective.
+
+    DDP broadcasts rank 0's buffers before each training forward, and each worker's forward then
+    updates them from its own batch: after a step the workers' running statistics differ. Before
+    validating, every worker takes rank 0's, the ones its checkpoint holds, so that the model that is
+    validated across workers is the model that is saved.
+    """
+    if world()[1] == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)

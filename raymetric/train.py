@@ -49,7 +49,7 @@ from raymetric.data.csv import load_dataset_csv, remap_labels
 from raymetric.data.dataset import ImageDataset, collate_dropping, collate_substituting
 from raymetric.data.loading import DeviceBatches, build_train_input, loader_kwargs, pin_memory_for
 from raymetric.data.transforms import build_transforms
-from raymetric.distributed import all_reduce_sum, world
+from raymetric.distributed import all_reduce_sum, broadcast_buffers, world
 from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics, worst_picture_rows
 from raymetric.extractors import build_extractor
 from raymetric.loggers import IMAGES_KEY
@@ -481,6 +481,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     def validate(epoch: int) -> tuple[dict, dict]:
         """Validation metrics, and the report's ``images`` (rank 0: the retrieval picture when log_images)."""
+        broadcast_buffers(extractor)  # rank 0's BatchNorm statistics, as checkpointed, on every worker
         emb, index = embed(extractor, data.val_loader, device, autocast_dtype)
         row_ids = torch.as_tensor(data.my_val_rows, dtype=torch.int64)[index]
         out = validation_metrics(emb, row_ids, data.val_rows, cfg.metric_args, retrieval=cfg.retrieval,

@@ -55,7 +55,33 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
     assert len(checkpoints) == 2
     assert os.path.exists(os.path.join(run_dir, sorted(checkpoints)[-1], "state.pt"))
 
+    _check_standalone_validation_agrees(run_dir, metrics, tiny_demo)
     _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
+
+
+def _check_standalone_validation_agrees(run_dir, metrics, tiny_demo):
+    """The last checkpoint, embedded in this process and scored by the stand-alone code: training's metrics.
+
+    Each worker validated its shard with rank 0's BatchNorm statistics, which are the checkpoint's.
+    """
+    import torch
+
+    from raymetric.config import MetricArgs, RetrievalConfig
+    from raymetric.data.csv import load_dataset_csv
+    from raymetric.data.dataset import ImageDataset
+    from raymetric.data.transforms import build_transforms
+    from raymetric.export import extractor_from_checkpoint
+    from raymetric.validate import score_table, table_from_frame
+
+    model, cfg = extractor_from_checkpoint(run_dir, which="latest")
+    df = load_dataset_csv(os.path.join(tiny_demo, "df.csv"), tiny_demo)
+    frame = df[df["split"] == "validation"].reset_index(drop=True)
+    dataset = ImageDataset(frame, build_transforms(cfg["transforms_val"]["name"], cfg["transforms_val"]["args"]))
+    with torch.no_grad():
+        emb = model(torch.stack([dataset[i]["image"] for i in range(len(dataset))])).numpy()
+    expected = score_table(table_from_frame(frame, emb), MetricArgs(**cfg["metric_args"]),
+                           RetrievalConfig(**cfg["retrieval"])).metrics
+    assert metrics == pytest.approx(expected, abs=1e-6)
 
 
 def _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path):
