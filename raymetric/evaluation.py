@@ -283,7 +283,7 @@ def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: Validatio
         ``list[raymetric.visualize.PictureRow]``, the same on every worker.
     """
     from raymetric.metrics import per_query_metrics
-    from raymetric.visualize import PictureRow, worst_queries
+    from raymetric.visualize import PictureRow, badness_tiebreak, worst_queries
 
     topk, searcher = details.topk, details.searcher
     per_query = per_query_metrics(details.is_relevant, details.n_retrieved, topk.n_gt.cpu(),
@@ -291,7 +291,7 @@ def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: Validatio
                                   map_top_k=metric_args.map_top_k)
     name = picture.metric or next(iter(per_query))
     values = torch.where(topk.n_gt.cpu() > 0, per_query[name].double(), float("inf"))
-    chosen = worst_queries(values, picture.n_queries)
+    chosen = worst_queries(values, picture.n_queries, badness_tiebreak(per_query))
     qids = torch.as_tensor(details.query_ids[chosen], dtype=torch.int64, device=emb.device)
     # The chosen queries' embeddings, from whichever worker holds each.
     pos = own_rows(qids, row_ids.to(emb.device))

@@ -44,15 +44,27 @@ def picture_size(n_rows: int, n_retrieved: int, tile_size: int) -> tuple[int, in
     return width, height
 
 
-def worst_queries(values: torch.Tensor, n: int) -> list[int]:
-    """Positions of the ``n`` lowest per-query values (NaN counts as lowest), ties by position.
+def worst_queries(values: torch.Tensor, n: int, tiebreak: torch.Tensor | None = None) -> list[int]:
+    """Positions of the ``n`` lowest per-query values (NaN counts as lowest); ties by ``tiebreak``, then position.
 
     >>> worst_queries(torch.tensor([1.0, 0.0, float("nan"), 0.0]), 3)
     [2, 1, 3]
+    >>> worst_queries(torch.tensor([0.0, 0.0, 1.0]), 2, tiebreak=torch.tensor([0.5, 0.2, 0.0]))
+    [1, 0]
     """
     values = torch.nan_to_num(values.double(), nan=-1.0)
-    order = torch.sort(values, stable=True).indices
+    order = torch.arange(len(values))
+    if tiebreak is not None:
+        order = torch.sort(torch.nan_to_num(tiebreak.double(), nan=-1.0), stable=True).indices
+    order = order[torch.sort(values[order], stable=True).indices]
     return order[:n].tolist()
+
+
+def badness_tiebreak(per_query: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[Q]`` sum of every per-query metric (NaN as 0): among queries equally bad by one metric, the
+    lowest sum failed on more of them (e.g. ``cmc@1 = 0`` and ``cmc@5 = 0`` before ``cmc@5 = 1``).
+    """
+    return sum(torch.nan_to_num(v.double(), nan=0.0) for v in per_query.values())
 
 
 def nearest_missed(query_emb: np.ndarray, query_id: int, shown: set[int], relevant_ids: np.ndarray,

@@ -35,7 +35,7 @@ def write_topk_table(path: str, table: EmbeddingsTable, out: ValidationOutput, w
 
 def picture_rows(table: EmbeddingsTable, out: ValidationOutput, picture) -> tuple[list, str]:
     """The picture's rows (``raymetric.visualize.PictureRow``, worst query first) and the metric ranking them."""
-    from raymetric.visualize import PictureRow, nearest_missed, worst_queries
+    from raymetric.visualize import PictureRow, badness_tiebreak, nearest_missed, worst_queries
 
     metric = picture.metric or next(iter(out.per_query))
     # Queries with nothing relevant to find go last: their low values say nothing about the model.
@@ -43,7 +43,7 @@ def picture_rows(table: EmbeddingsTable, out: ValidationOutput, picture) -> tupl
     gallery = table.is_gallery
     codes = table.sequence_codes()
     rows = []
-    for q in worst_queries(values, picture.n_queries):
+    for q in worst_queries(values, picture.n_queries, badness_tiebreak(out.per_query)):
         qid = int(out.query_rows[q])
         shown = [(int(g), float(d), bool(table.labels[g] == table.labels[qid]))
                  for g, d in zip(out.topk.gallery_ids[q].tolist(), out.topk.dist[q].tolist()) if g >= 0]
