@@ -189,6 +189,14 @@ class TrainConfig(_Strict):
     gradient_clip_val: PositiveFloat | None = None  # clip the gradient norm (Lightning's name)
     accumulate_grad_batches: PositiveInt = 1  # global batches per optimizer step (Lightning's name)
     channels_last: bool = True  # channels-last memory format for the model and its images (GPU and CPU)
+    # torch.compile the extractor (in place, nn.Module.compile: checkpoints keep their keys); the first
+    # steps and the first validation pay the compilation. compile_backend: a torch._dynamo backend.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"
+    # fused=True for optimizers that have a fused kernel (adam, adamw, sgd, adagrad); auto: on a GPU.
+    # An explicit optimizer.args.fused or foreach wins.
+    fused_optimizer: bool | Literal["auto"] = "auto"
     # Also checkpoint every N global steps inside an epoch (a multiple of accumulate_grad_batches);
     # null: only at the end of each epoch.
     checkpoint_every_n_steps: PositiveInt | None = None
@@ -587,6 +595,17 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
 
     if cfg.log_images:
         check_picture(cfg.picture, cfg.metric_args)
+    if cfg.compile:
+        import torch._dynamo
+
+        if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"config key compile_backend: unknown backend {cfg.compile_backend!r}; known: "
+                              f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
+    if cfg.fused_optimizer is True:
+        from raymetric.optim import has_fused
+
+        if not has_fused(cfg.optimizer.name):
+            raise ConfigError(f"config key fused_optimizer: optimizer {cfg.optimizer.name!r} has no fused kernel")
     metric = checkpoint_metric_key(cfg)
     known = cfg.metric_args.metric_names()
     if metric not in known:

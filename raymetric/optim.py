@@ -28,6 +28,30 @@ def build_optimizer(name: str, params: Iterable, args: dict | None = None) -> to
     return OPTIMIZERS[name](params, **(args or {}))
 
 
+def has_fused(name: str) -> bool:
+    """Whether the optimizer registered as ``name`` takes ``fused`` (a single fused kernel per step).
+
+    >>> has_fused("adamw"), has_fused("rprop")
+    (True, False)
+    """
+    import inspect
+
+    return name in OPTIMIZERS and "fused" in inspect.signature(OPTIMIZERS[name]).parameters
+
+
+def optimizer_args(name: str, args: dict, fused: bool | str, device_type: str) -> dict:
+    """``args`` plus ``fused=True`` where wanted: ``fused`` true, or ``"auto"`` on a GPU; never over an
+    explicit ``fused`` or ``foreach``.
+
+    >>> optimizer_args("adam", {"lr": 0.1}, "auto", "cuda"), optimizer_args("adam", {"lr": 0.1}, "auto", "cpu")
+    ({'lr': 0.1, 'fused': True}, {'lr': 0.1})
+    """
+    wanted = fused is True or (fused == "auto" and device_type == "cuda")
+    if wanted and has_fused(name) and "fused" not in args and "foreach" not in args:
+        return {**args, "fused": True}
+    return dict(args)
+
+
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, args: dict | None = None):
     """Build the LR scheduler registered as ``name`` for ``optimizer``."""
     if name not in SCHEDULERS:

@@ -54,7 +54,14 @@ from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_m
 from raymetric.extractors import build_extractor
 from raymetric.loggers import IMAGES_KEY
 from raymetric.losses import build_criterion
-from raymetric.optim import build_lr_schedule, build_optimizer, extractor_param_groups, param_groups, set_trainable
+from raymetric.optim import (
+    build_lr_schedule,
+    build_optimizer,
+    extractor_param_groups,
+    optimizer_args,
+    param_groups,
+    set_trainable,
+)
 from raymetric.samplers import GlobalPlanSampler, build_sampler
 from raymetric.step import micro_step, wrap_ddp
 
@@ -445,7 +452,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         num_classes=data.num_classes, label2category=data.label2category,
     ).to(device)
     groups = param_groups(extractor, criterion, cfg.optimizer.groups)  # backbone, head, loss
-    optimizer = build_optimizer(cfg.optimizer.name, groups, cfg.optimizer.args)
+    optimizer = build_optimizer(cfg.optimizer.name, groups,
+                                optimizer_args(cfg.optimizer.name, cfg.optimizer.args, cfg.fused_optimizer, device.type))
+    if cfg.compile:  # in place: the state dict keeps its keys, DDP wraps the compiled module as any other
+        extractor.compile(mode=cfg.compile_mode, backend=cfg.compile_backend)
     scheduling = cfg.scheduling
     scheduler = None
     if scheduling is not None:

@@ -1,6 +1,7 @@
 """Optimizers and schedulers by name, parameter groups, warm-up, and the training step's accumulation and clipping."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from raymetric.optim import (
     param_groups,
 )
 from raymetric.step import micro_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Arguments the schedulers need.
 SCHEDULER_ARGS = {
@@ -158,3 +161,54 @@ def test_clipping_scales_the_global_gradient_norm():
     applied = [b - p.detach() for b, p in zip(before, model.parameters())]
     for a, g in zip(applied, grads):
         torch.testing.assert_close(a, g * clip / norm, rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_extractor_and_fused_optimizer_train_as_the_plain_ones():
+    """nn.Module.compile (in place) keeps the state dict's keys and gives the eager loss and gradients; a
+    fused Adam takes the same steps as the default one (here on CPU, where torch has a fused Adam too)."""
+    from raymetric.extractors import build_extractor
+    from raymetric.optim import build_optimizer, optimizer_args
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def model_and_grads(compiled: bool):
+        torch.manual_seed(0)
+        model = build_extractor("timm", {"arch": "resnet10t", "embedding_size": 8})
+        if compiled:
+            model.compile(backend="aot_eager")
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return model, loss.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+    plain, plain_loss, plain_grads = model_and_grads(False)
+    compiled, loss, grads = model_and_grads(True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-6)
+
+    def adam_steps(fused: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(4, 5))]
+        opt = build_optimizer("adam", params, optimizer_args("adam", {"lr": 1e-2}, fused, "cpu"))
+        for step in range(3):
+            opt.zero_grad()
+            sum((p * (step + 1)).sin().sum() for p in params).backward()
+            opt.step()
+        return params, opt
+
+    (default, default_opt), (fused, fused_opt) = adam_steps(False), adam_steps(True)
+    assert default_opt.param_groups[0]["fused"] is None and fused_opt.param_groups[0]["fused"] is True
+    for a, b in zip(default, fused):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_and_fused_options_are_checked_on_the_driver():
+    from raymetric.config import ConfigError, check_config, load_config
+
+    base = [f"dataset_root={ROOT}"]
+    with pytest.raises(ConfigError, match="config key compile_backend: unknown backend 'nope'"):
+        check_config(load_config(os.path.join(ROOT, "configs", "demo.yaml"), [*base, "compile=true", "compile_backend=nope"]))
+    with pytest.raises(ConfigError, match="config key fused_optimizer: optimizer 'rprop' has no fused kernel"):
+        check_config(load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                                 [*base, "fused_optimizer=true", "optimizer={name: rprop, args: {lr: 0.01}}"]))

@@ -45,7 +45,7 @@ def test_prepare_run_checks_blocks_against_the_dataset(tiny_demo, tmp_path, over
 @pytest.mark.ray
 def test_two_workers_arcface_category_sampler_accumulation_mid_epoch_checkpoints(ray_session, tiny_demo, tmp_path):
     """mlp_arcface under DDP (model and criterion), category batches split across 2 workers, accumulation,
-    a checkpoint every 2 global steps and the best one apart."""
+    a checkpoint every 2 global steps and the best one apart; a compiled extractor and a fused optimizer."""
     from raymetric.checkpoint import STATE_FILE, load_state
     from raymetric.train import fit
 
@@ -55,6 +55,8 @@ def test_two_workers_arcface_category_sampler_accumulation_mid_epoch_checkpoints
         "sampler={name: category_balance, args: {n_categories: 2, n_labels: 2, n_instances: 2}}",
         "accumulate_grad_batches=2", "checkpoint_every_n_steps=2", "gradient_clip_val=5.0",
         "optimizer.groups={loss: {lr: 0.01}}",
+        # The GPU-step options, on CPU: the compiled extractor under DDP, a fused optimizer.
+        "compile=true", "compile_backend=aot_eager", "fused_optimizer=true",
     )
     result = fit(cfg, quiet=True)
     history = [json.loads(line) for line in open(os.path.join(result.run_dir, "history.jsonl"))]
@@ -68,6 +70,7 @@ def test_two_workers_arcface_category_sampler_accumulation_mid_epoch_checkpoints
     assert mid["partial_epoch"]["steps"] == 2 and "loss" in mid["partial_epoch"]["sums"]
     assert last["world_size"] == 2 and len(last["rng"]) == 2 and last["optimizer_steps"] == 4
     assert last["criterion"]["arcface.weight"].shape == (8, 32)
+    assert "_orig_mod" not in "".join(last["model"]) and last["optimizer"]["param_groups"][0]["fused"] is True
     best = load_state(os.path.join(result.run_dir, "best", STATE_FILE))
     assert best["best"] == max(h["val/cmc@1"] for h in history if h.get("epoch") in (1, 2) and "val/cmc@1" in h)
     assert result.metrics["n_queries"] == 24
