@@ -141,6 +141,12 @@ class LoaderConfig(_Strict):
     # the processes only read the files, and augmentation runs on the GPU). gpu needs ray.use_gpu.
     decode: Literal["cpu", "gpu"] = "cpu"
     look_ahead: bool = True  # on a GPU, move and finish the next batch on a side stream during the step
+    # Decode, crop and shrink every training image once, before training (Ray Data tasks), and read the
+    # pixels from a memory-mapped cache every epoch (raymetric/data/cache.py). cache_size: the shorter side
+    # of a cached image, null: the training transform's im_size; cache_dir null: <ray.storage_path>/.image_cache.
+    cache: bool = False
+    cache_size: PositiveInt | None = None
+    cache_dir: str | None = None
 
 
 class PictureConfig(_Strict):
@@ -381,6 +387,22 @@ def dump_config(cfg: TrainConfig, path: str) -> None:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
 
 
+def cache_size(cfg: TrainConfig) -> int:
+    """``loader.cache_size``, else the training transform's ``im_size`` (its default when not given)."""
+    if cfg.loader.cache_size is not None:
+        return cfg.loader.cache_size
+    from raymetric.data.transforms import TRANSFORMS
+
+    size = cfg.transforms_train.args.get("im_size")
+    if size is None and cfg.transforms_train.name in TRANSFORMS:
+        size = inspect.signature(TRANSFORMS[cfg.transforms_train.name]).parameters.get("im_size")
+        size = None if size is None or size.default is inspect.Parameter.empty else size.default
+    if not isinstance(size, int):
+        raise ConfigError(f"config key loader.cache_size: transforms_train {cfg.transforms_train.name!r} has no "
+                          f"im_size to default to; set the shorter side of a cached image")
+    return size
+
+
 def make_run_dir(cfg) -> str:
     """``<ray.storage_path>/<ray.name or date_time_postfix>``, created, with the resolved config in it.
 
@@ -619,10 +641,13 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
     from raymetric.data.loading import check_loader_settings
 
     problem = check_loader_settings(
-        cfg.loader.augment_on, cfg.loader.decode, cfg.transforms_train.name, cfg.ray.use_gpu, cfg.on_bad_image
+        cfg.loader.augment_on, cfg.loader.decode, cfg.transforms_train.name, cfg.ray.use_gpu, cfg.on_bad_image,
+        cfg.loader.cache,
     )
     if problem:
         raise ConfigError(problem)
+    if cfg.loader.cache:
+        cache_size(cfg)  # raises when there is none
     if cfg.demo_data is not None:
         from raymetric.data.demo import SIZES
 

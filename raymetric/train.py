@@ -46,6 +46,7 @@ from raymetric.checkpoint import (
 )
 from raymetric.config import ConfigError, TrainConfig, check_config, checkpoint_metric_key, dump_config, make_run_dir
 from raymetric.data.csv import load_dataset_csv, remap_labels
+from raymetric.data.cache import ImageCache
 from raymetric.data.dataset import ImageDataset, collate_dropping, collate_substituting
 from raymetric.data.loading import DeviceBatches, build_train_input, loader_kwargs, pin_memory_for
 from raymetric.data.transforms import build_transforms
@@ -216,7 +217,8 @@ def make_trainer(
     storage_path, name = os.path.split(os.path.abspath(run_dir))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "extractors": extractors, "quiet": quiet, "run_dir": run_dir},
+        train_loop_config={"cfg": cfg.model_dump(), "extractors": extractors, "quiet": quiet, "run_dir": run_dir,
+                           "cache_dir": prepare_image_cache(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -236,6 +238,18 @@ def make_trainer(
             ],
         ),
     )
+
+
+def prepare_image_cache(cfg: TrainConfig) -> str | None:
+    """``loader.cache``: the cache folder of the training images, built now (Ray Data) unless it exists."""
+    if not cfg.loader.cache:
+        return None
+    from raymetric.config import cache_size
+    from raymetric.data.cache import build_image_cache
+
+    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False, category_conflict=cfg.category_conflict)
+    root = cfg.loader.cache_dir or os.path.join(cfg.ray.storage_path, ".image_cache")
+    return build_image_cache(df[df["split"] == "train"], cache_size(cfg), root)
 
 
 def resume_run_dir(cfg: TrainConfig) -> str | None:
@@ -348,9 +362,13 @@ def _label2category(train_df: pd.DataFrame, labels: np.ndarray) -> dict[int, str
 
 
 def setup_data(
-    cfg: TrainConfig, rank: int, world_size: int, use_gpu: bool, device: torch.device | None = None
+    cfg: TrainConfig, rank: int, world_size: int, use_gpu: bool, device: torch.device | None = None,
+    cache_dir: str | None = None,
 ) -> TrainData:
-    """Loaders of one worker. The driver has checked the CSV; workers only re-read it."""
+    """Loaders of one worker. The driver has checked the CSV; workers only re-read it.
+
+    ``cache_dir``: the decoded training images (``loader.cache``), built by the driver.
+    """
     device = device or torch.device("cuda" if use_gpu else "cpu")
     df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False, category_conflict=cfg.category_conflict)
     train_df = df[df["split"] == "train"]
@@ -361,6 +379,7 @@ def setup_data(
     train_set, to_device, collate = build_train_input(
         train_df, train_labels, (cfg.transforms_train.name, cfg.transforms_train.args), device=device,
         augment_on=cfg.loader.augment_on, decode=cfg.loader.decode, on_bad_image=cfg.on_bad_image,
+        cache=None if cache_dir is None else ImageCache(cache_dir),
     )
     sampler = build_train_sampler(cfg, train_df, world_size, rank)
     loader_args = loader_kwargs(
@@ -438,7 +457,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     run_dir, quiet = loop_config.get("run_dir"), loop_config.get("quiet")
 
     # -- data
-    data = setup_data(cfg, rank, world_size, use_gpu, device)
+    data = setup_data(cfg, rank, world_size, use_gpu, device, cache_dir=loop_config.get("cache_dir"))
     sampler = data.sampler
 
     # -- model, loss, optimizer (the same initial weights at every world size)

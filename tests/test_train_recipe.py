@@ -57,6 +57,7 @@ def test_two_workers_arcface_category_sampler_accumulation_mid_epoch_checkpoints
         "optimizer.groups={loss: {lr: 0.01}}",
         # The GPU-step options, on CPU: the compiled extractor under DDP, a fused optimizer.
         "compile=true", "compile_backend=aot_eager", "fused_optimizer=true",
+        "loader.cache=true", "loader.cache_size=40",  # training images from the decoded cache
     )
     result = fit(cfg, quiet=True)
     history = [json.loads(line) for line in open(os.path.join(result.run_dir, "history.jsonl"))]
@@ -74,3 +75,4 @@ def test_two_workers_arcface_category_sampler_accumulation_mid_epoch_checkpoints
     best = load_state(os.path.join(result.run_dir, "best", STATE_FILE))
     assert best["best"] == max(h["val/cmc@1"] for h in history if h.get("epoch") in (1, 2) and "val/cmc@1" in h)
     assert result.metrics["n_queries"] == 24
+    assert len(os.listdir(os.path.join(str(tmp_path), ".image_cache"))) == 1  # built once, on the driver

@@ -87,6 +87,8 @@ class ImageDataset(torch.utils.data.Dataset):
             Its index names rows in error messages.
         transform: Called on the RGB PIL image.
         labels: One label per row overriding ``df["label"]`` (e.g. codes from ``remap_labels``).
+        cache: A :class:`raymetric.data.cache.ImageCache` of these rows, in order (``loader.cache``): images
+            come from it instead of the files (already cropped to their boxes).
         on_bad_image: ``error`` raises :class:`ImageReadError` naming the file and row; ``skip`` logs a
             warning naming them and returns the item with ``image=None`` for the collate function to
             deal with (:func:`collate_substituting` in training, :func:`collate_dropping` in validation).
@@ -98,6 +100,7 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         labels: Sequence[int] | np.ndarray | None = None,
         on_bad_image: str = "error",
+        cache=None,
     ):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
@@ -110,6 +113,9 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.labels.shape != (len(df),):
             raise ValueError(f"labels must hold one label per row: {len(df)} rows, labels of shape {self.labels.shape}")
         self._bboxes = _bbox_array(df)  # [N, 4] as (x_1, y_1, x_2, y_2), -1 = no box
+        if cache is not None and len(cache) != len(df):
+            raise ValueError(f"the image cache {cache.folder} holds {len(cache)} images, the rows are {len(df)}")
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,7 +127,10 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self._paths[i]
         box = self._bboxes[i]
         try:
-            image = read_image(path, None if box[0] < 0 else box.tolist())
+            if self.cache is not None:
+                image = self.cache.image(i)
+            else:
+                image = read_image(path, None if box[0] < 0 else box.tolist())
         except ImageReadError as error:
             message = f"row {self._rows[i]}: {error}"
             if self.on_bad_image == "error":

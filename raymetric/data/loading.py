@@ -260,6 +260,7 @@ def build_train_input(
     augment_on: str = "auto",
     decode: str = "cpu",
     on_bad_image: str = "error",
+    cache=None,
 ) -> tuple[torch.utils.data.Dataset, BatchToDevice, Callable | None]:
     """The training dataset, what finishes its batches on the device, and its collate function (None: the default).
 
@@ -272,27 +273,32 @@ def build_train_input(
         decode: ``cpu`` or ``gpu`` (``loader.decode``).
         on_bad_image: ``ImageDataset``'s policy (``error`` only with ``decode: gpu``, which decodes in
             the training process).
+        cache: an ``ImageCache`` of the rows (``loader.cache``; not with ``decode: gpu``).
     """
     name, args = transforms
     where = resolve_augment_on(augment_on, decode, device.type)
     if where == "cpu" or (augment_on == "auto" and decode == "cpu" and name not in DEVICE_TRANSFORMS):
-        return ImageDataset(df, build_transforms(name, args), labels, on_bad_image), BatchToDevice(device), None
+        return ImageDataset(df, build_transforms(name, args), labels, on_bad_image, cache), BatchToDevice(device), None
     split = build_device_transform(name, args)
     if decode == "gpu":
         if on_bad_image != "error":
             raise ValueError(f"on_bad_image={on_bad_image!r} needs images decoded on the CPU (decode: cpu)")
         return EncodedImageDataset(df, labels=labels), BatchToDevice(device, split, encoded=True), collate_encoded
-    return ImageDataset(df, split.host, labels, on_bad_image), BatchToDevice(device, split), None
+    return ImageDataset(df, split.host, labels, on_bad_image, cache), BatchToDevice(device, split), None
 
 
 def check_loader_settings(
-    augment_on: str, decode: str, transforms_name: str, use_gpu: bool, on_bad_image: str = "error"
+    augment_on: str, decode: str, transforms_name: str, use_gpu: bool, on_bad_image: str = "error",
+    cache: bool = False,
 ) -> str | None:
     """A problem with the ``loader`` keys for this run, naming the key, or None.
 
     >>> check_loader_settings("auto", "gpu", "augs_torch", use_gpu=False)
     'config key loader.decode=gpu needs ray.use_gpu=true: nvJPEG decodes on the GPU'
     """
+    if cache and decode == "gpu":
+        return ("config key loader.cache=true does not go with loader.decode=gpu: the cache holds decoded pixels, "
+                "nvJPEG decodes files")
     if decode == "gpu" and not use_gpu:
         return "config key loader.decode=gpu needs ray.use_gpu=true: nvJPEG decodes on the GPU"
     if decode == "gpu" and on_bad_image != "error":
