@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from raymetric.config import ConfigError, PredictConfig, describe_keys, load_config  # noqa: E402
 from raymetric.data.csv import DatasetError  # noqa: E402
+from raymetric.embeddings import EmbeddingsError  # noqa: E402
 from raymetric.ray_env import shutdown_if_started  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         from raymetric.predict import run_predict  # imports Ray Data: after the cheap checks
 
         result = run_predict(cfg, quiet=args.quiet)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, EmbeddingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     shutdown_if_started()  # flushes the workers' log lines, so that `run:` is really the last line

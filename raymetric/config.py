@@ -86,7 +86,7 @@ class MetricArgs(_Strict):
 
     @property
     def max_k(self) -> int:
-        return max(self.cmc_top_k + self.precision_top_k + self.map_top_k)
+        return max(self.cmc_top_k + self.precision_top_k + self.map_top_k, default=1)  # all empty: fnmr/pcf only
 
 
 class RetrievalConfig(_Strict):

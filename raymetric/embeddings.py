@@ -98,6 +98,11 @@ class EmbeddingsTable:
             problems.append("column 'is_query': no row is a query")
         if not self.is_gallery.any():
             problems.append("column 'is_gallery': no row is in the gallery")
+        if self.categories is not None:
+            empty = np.array([c is None or c != c or str(c) == "" for c in self.categories], bool)  # c != c: NaN
+            if empty.any():
+                problems.append(f"column 'category': empty in {_rows(empty)} (give every row a category, "
+                                f"or drop the column)")
         if problems:
             raise EmbeddingsError(f"{source}:\n  " + "\n  ".join(problems))
         return self
@@ -139,8 +144,8 @@ class EmbeddingsTable:
             raise EmbeddingsError(f"{source}:\n  " + "\n  ".join(problems))
         optional = {name: np.array(table.column(name).to_pylist(), object) if name in table.column_names else None
                     for name in OPTIONAL}
-        if optional["category"] is not None:
-            optional["category"] = optional["category"].astype(str)
+        if optional["category"] is not None:  # null stays None, for check() to name the rows
+            optional["category"] = np.array([None if c is None else str(c) for c in optional["category"]], object)
         return cls(
             embeddings=embeddings,
             labels=np.asarray(labels.to_numpy(), np.int64),

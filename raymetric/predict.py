@@ -95,11 +95,18 @@ def _folder_frame(folder: str) -> pd.DataFrame:
 
 def _csv_frame(cfg: PredictConfig) -> pd.DataFrame:
     from raymetric.data.csv import (
+        _BOOL_TOKENS,
+        BBOX_COLUMNS,
         REQUIRED_COLUMNS,
         DatasetError,
         _check_files,
+        _count,
         _format_problems,
+        _list_rows,
+        _parse_bboxes,
+        _parse_ints,
         _resolve_paths,
+        _text,
         load_dataset_csv,
     )
 
@@ -119,18 +126,34 @@ def _csv_frame(cfg: PredictConfig) -> pd.DataFrame:
         raise ConfigError(f"config key split={cfg.split!r}: {csv_path} has no OML columns {list(REQUIRED_COLUMNS)}")
     if "path" not in header:
         raise DatasetError(f"{csv_path}: missing required column 'path' (found columns: {list(header)})")
-    df = pd.read_csv(csv_path, dtype={"path": str})
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=True)  # every cell as text, parsed below
     if not len(df):
         raise DatasetError(f"{csv_path}: no rows")
     problems = []
-    empty = df["path"].isna()
-    if empty.any():
-        problems.append(f"column 'path': empty in rows {', '.join(map(str, np.flatnonzero(empty)[:10]))}")
+    path = _text(df["path"])
+    if path.isna().any():
+        problems.append(f"column 'path': {_count(path.isna(), 'row')} without a path: {_list_rows(path[path.isna()])}")
     else:
-        df["path"] = _resolve_paths(df["path"], root)
+        df["path"] = _resolve_paths(path, root)
         problems += _check_files(df["path"], root)
-    if "label" in df and not pd.api.types.is_integer_dtype(df["label"]):
-        problems.append(f"column 'label': must hold integers, got {df['label'].dtype}")
+    if "label" in df:  # optional per row: an empty label is -1 (unknown)
+        text = _text(df["label"])
+        labels, bad = _parse_ints(text)
+        if bad.any():
+            problems.append(f"column 'label': {_count(bad, 'row')} not integers: {_list_rows(text[bad])}")
+        df["label"] = labels.fillna(-1).astype("int64")
+    if all(c in df for c in BBOX_COLUMNS):  # optional boxes, checked as in OML's CSV
+        df = df.assign(**_parse_bboxes(df, problems))
+    else:
+        df = df.drop(columns=[c for c in BBOX_COLUMNS if c in df])
+    for column in ("is_query", "is_gallery"):  # optional: empty = not set
+        if column in df:
+            text = _text(df[column])
+            value = text.str.lower().map(_BOOL_TOKENS)
+            bad = text.notna() & value.isna()
+            if bad.any():
+                problems.append(f"column {column!r}: {_count(bad, 'row')} not true/false: {_list_rows(text[bad])}")
+            df[column] = value.fillna(False).astype(bool)
     if problems:
         raise DatasetError(_format_problems(csv_path, problems))
     return df
@@ -159,8 +182,8 @@ def table_of(frame: pd.DataFrame, embeddings: np.ndarray) -> EmbeddingsTable:
         embeddings=np.ascontiguousarray(embeddings, np.float32),
         labels=frame["label"].to_numpy(np.int64) if "label" in frame else np.full(n, -1, np.int64),
         is_query=query, is_gallery=gallery,
-        categories=None if "category" not in frame else frame["category"].astype(str).to_numpy(),
-        sequences=optional_strings(frame, "sequence"), paths=optional_strings(frame, "path"),
+        categories=optional_strings(frame, "category"), sequences=optional_strings(frame, "sequence"),
+        paths=optional_strings(frame, "path"),
     ).check("predicted rows")
 
 
@@ -343,8 +366,13 @@ class ImageIndex:
 
     def search(self, queries: np.ndarray | Sequence[str | os.PathLike | Image.Image], k: int = 5) -> Hits:
         """The ``k`` nearest gallery rows of each query: embeddings ``[Q, D]``, or images to embed first."""
+        if k < 1:
+            raise ValueError(f"k={k}: ask for at least one neighbour")
         if not isinstance(queries, np.ndarray):
             queries = self.embed(queries)
+        queries = queries.reshape(-1, self.table.dim) if queries.ndim == 1 else queries
+        if queries.ndim != 2 or queries.shape[1] != self.table.dim:
+            raise ValueError(f"queries of shape {queries.shape}: expected [Q, {self.table.dim}] embeddings")
         dist2, rows = self.index.search(np.ascontiguousarray(queries, np.float32), k)
         dist = np.sqrt(np.maximum(dist2, 0)).astype(np.float32)  # faiss: squared L2
         dist[rows < 0] = np.inf

@@ -77,3 +77,16 @@ def test_many_bad_rows_are_counted_not_all_listed():
     emb[::2] = np.inf
     with pytest.raises(EmbeddingsError, match=r"15 row\(s\): 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 and 5 more"):
         table(n=30, dim=2, embeddings=emb).check()
+
+
+@pytest.mark.parametrize("category", ["", None])
+def test_an_empty_category_is_refused(tmp_path, category):
+    """An empty category would be a category named "" (or "None"), and "" is the overall block's key."""
+    table = pa.table({
+        "embedding": pa.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], pa.list_(pa.float32())),
+        "label": pa.array([0, 0, 1], pa.int64()), "is_query": [True] * 3, "is_gallery": [True] * 3,
+        "category": pa.array(["shoes", category, "bags"], pa.string()),
+    })
+    pq.write_table(table, tmp_path / "t.parquet")
+    with pytest.raises(EmbeddingsError, match=r"column 'category': empty in 1 row\(s\): 1"):
+        read_embeddings(tmp_path / "t.parquet")

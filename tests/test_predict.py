@@ -174,3 +174,26 @@ def test_plain_csv_and_oml_splits(tiny_demo, tmp_path):
 
     table = table_of(train, np.zeros((len(train), 2), np.float32))
     assert table.is_query.all() and table.is_gallery.all()  # train rows: a search collection
+
+
+def test_plain_csv_columns_are_parsed_and_bad_cells_named(tiny_demo, tmp_path):
+    df = pd.read_csv(os.path.join(tiny_demo, "df.csv"))
+    paths = list(df["path"][:3])
+    (tmp_path / "flags.csv").write_text("path,label,is_query,is_gallery\n"
+                                        f"{paths[0]},7.0,no,yes\n{paths[1]},,yes,no\n{paths[2]},3,,\n")
+    frame = predict_frame(_cfg(dataframe=str(tmp_path / "flags.csv"), dataset_root=tiny_demo))
+    from raymetric.predict import table_of
+
+    table = table_of(frame, np.zeros((3, 2), np.float32))
+    assert table.labels.tolist() == [7, -1, 3]
+    assert table.is_query.tolist() == [False, True, True] and table.is_gallery.tolist() == [True, False, True]
+    (tmp_path / "bad.csv").write_text(f"path,label,is_query\n{paths[0]},cat,maybe\n{paths[1]},2,true\n")
+    with pytest.raises(DatasetError, match=r"(?s)column 'label': 1 row not integers: row 0 \('cat'\).*"
+                                           r"column 'is_query': 1 row not true/false: row 0 \('maybe'\)"):
+        predict_frame(_cfg(dataframe=str(tmp_path / "bad.csv"), dataset_root=tiny_demo))
+    (tmp_path / "cat.csv").write_text(f"path,category\n{paths[0]},shoes\n{paths[1]},\n")
+    from raymetric.embeddings import EmbeddingsError
+
+    with pytest.raises(EmbeddingsError, match=r"column 'category': empty in 1 row\(s\): 1"):
+        table_of(predict_frame(_cfg(dataframe=str(tmp_path / "cat.csv"), dataset_root=tiny_demo)),
+                 np.zeros((2, 2), np.float32))
