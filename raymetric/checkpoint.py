@@ -98,22 +98,60 @@ def training_state(extractor, criterion, optimizer, scheduler, **extra) -> dict:
     } | extra
 
 
+# Scheduler state that is progress (kept from the checkpoint); every other entry is an argument.
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step",
+                      "_schedulers", "base_lrs"}
+
+
+def _merge_schedule(saved: dict, fresh: dict) -> dict:
+    """The checkpoint's scheduler state with the config's arguments and base learning rates (``fresh``)."""
+    out = dict(saved)
+    out.update({k: v for k, v in fresh.items() if k not in _SCHEDULE_PROGRESS})
+    if "base_lrs" in fresh:
+        out["base_lrs"] = fresh["base_lrs"]
+    if "_schedulers" in saved:  # SequentialLR (warm-up, then the scheduler)
+        out["_schedulers"] = [_merge_schedule(s, f) for s, f in zip(saved["_schedulers"], fresh["_schedulers"])]
+    return out
+
+
 def restore_training_state(state: dict, extractor, criterion, optimizer, scheduler) -> None:
-    """Load what ``training_state`` saved into freshly built objects (strictly: a mismatch raises)."""
+    """Load what ``training_state`` saved into freshly built objects (strictly: a mismatch raises).
+
+    The optimizer and the scheduler continue from the checkpoint's state (moments, step counts, the
+    learning rate reached) under the config's arguments: a resumed run may change them. Every optimizer
+    argument (weight decay, betas, fused, ...) is the config's; the learning rate reached is scaled by
+    the config's base learning rate over the checkpoint's (unchanged when they are equal); the scheduler
+    keeps its position and takes the config's arguments (``T_max``, ``gamma``, milestones, warm-up) for
+    the steps that remain. With the same config, everything is the checkpoint's, bit for bit.
+    """
     extractor.load_state_dict(state["model"])
     criterion.load_state_dict(state["criterion"])
-    optimizer.load_state_dict(state["optimizer"])
     if (scheduler is None) != (state["scheduler"] is None):
         raise ValueError("the checkpoint and the config disagree on whether there is an LR scheduler")
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_schedule = scheduler.state_dict() if scheduler is not None else None
+    optimizer.load_state_dict(state["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        reached, old_base = group["lr"], group.get("initial_lr", group["lr"])
+        new_base = fresh.get("initial_lr", fresh["lr"])
+        group.update({k: v for k, v in fresh.items() if k not in ("lr", "initial_lr")})
+        if "initial_lr" in fresh:
+            group["initial_lr"] = new_base
+        if scheduler is None:
+            group["lr"] = fresh["lr"]
+        elif new_base != old_base:
+            group["lr"] = reached * new_base / old_base if old_base else new_base
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler.load_state_dict(_merge_schedule(state["scheduler"], fresh_schedule))
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 # ---------------------------------------------------------------- resuming
 
 
 # Config keys that decide the shapes and meaning of what a checkpoint holds. Anything else (learning
-# rate, margin, epochs, workers, data) may change when a run is resumed.
+# rate and other optimizer and scheduler arguments, margin, epochs, workers, data) may change when a
+# run is resumed (restore_training_state applies them).
 STRUCTURAL_KEYS = (
     "extractor.name",
     "extractor.args",

@@ -5,6 +5,8 @@ this process, no Ray cluster), which exercises data, model, criterion, checkpoin
 code in a second or two.
 """
 
+import copy
+import math
 import os
 import random
 
@@ -178,3 +180,54 @@ def test_recipe_writes_a_complete_checkpoint_and_the_best_one(tiny_demo, tmp_pat
     if "arcface" in case:
         assert best["criterion"]["arcface.weight"].shape == (8, 16), "class weights (8 train labels) are saved"
         assert [g["name"] for g in best["optimizer"]["param_groups"]] == ["backbone", "head", "loss"]
+
+
+def _optimizer_and_schedule(lr, t_max, weight_decay=0.0, warmup=2):
+    from raymetric.optim import build_lr_schedule, build_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = build_optimizer("adamw", [{"params": params, "name": "backbone"}], {"lr": lr, "weight_decay": weight_decay})
+    return params, opt, build_lr_schedule("cosine", opt, {"T_max": t_max}, warmup=warmup)
+
+
+def _run_steps(params, opt, sched, n):
+    for _ in range(n):
+        opt.zero_grad()
+        params[0].pow(2).sum().backward()
+        opt.step()
+        sched.step()
+
+
+def test_resume_continues_the_optimizer_under_the_configs_arguments():
+    """Same config: the checkpoint's optimizer and scheduler, bit for bit. Changed lr, weight decay and
+    T_max: moments and position kept, the lr reached scaled by new/old base, the new T_max from there on."""
+    from raymetric.checkpoint import restore_training_state
+
+    params, opt, sched = _optimizer_and_schedule(1e-3, 10)
+    _run_steps(params, opt, sched, 5)
+    state = {"model": {}, "criterion": {}, "optimizer": copy.deepcopy(opt.state_dict()),
+             "scheduler": copy.deepcopy(sched.state_dict())}
+    module = torch.nn.Module()
+
+    _, same_opt, same_sched = _optimizer_and_schedule(1e-3, 10)
+    restore_training_state(state, module, module, same_opt, same_sched)
+    assert same_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    assert same_sched.state_dict() == sched.state_dict()
+
+    new_params, new_opt, new_sched = _optimizer_and_schedule(5e-3, 40, weight_decay=0.05)
+    restore_training_state(state, module, module, new_opt, new_sched)
+    group, saved_group = new_opt.param_groups[0], state["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(saved_group["lr"] * 5) and group["initial_lr"] == 5e-3
+    assert group["weight_decay"] == 0.05 and group["betas"] == saved_group["betas"]
+    cosine = new_sched._schedulers[1]
+    assert cosine.T_max == 40 and cosine.last_epoch == state["scheduler"]["_schedulers"][1]["last_epoch"]
+    assert new_sched.last_epoch == state["scheduler"]["last_epoch"]
+    moments = new_opt.state_dict()["state"][0]
+    torch.testing.assert_close(moments["exp_avg"], state["optimizer"]["state"][0]["exp_avg"], rtol=0, atol=0)
+    t, before = cosine.last_epoch + 1, group["lr"]
+    new_params[0].grad = torch.zeros(5)
+    new_opt.step()
+    new_sched.step()
+    expected = (1 + math.cos(math.pi * t / 40)) / (1 + math.cos(math.pi * (t - 1) / 40)) * before  # eta_min 0
+    assert group["lr"] == pytest.approx(expected)
