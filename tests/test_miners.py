@@ -161,6 +161,27 @@ def test_bank_holds_the_last_global_batches_and_mines_them():
     assert torch.equal(miner.bank_labels, torch.cat([steps[4][1], steps[3][1]]))
 
 
+def test_bank_with_a_capped_all_triplets_miner_keeps_the_cap():
+    """The capped subset is drawn among the global batch's anchors: as the bank fills, the cap still holds
+    (a subset drawn over the bank's rows too would lose every triplet anchored there)."""
+    steps = [_batch(n_labels=3, k=2, seed=s) for s in range(4)]
+    miner = MinerWithBank(bank_size_in_batches=2, miner={"name": "all_triplets", "args": {"max_output_triplets": 60}})
+    counts = []
+    for emb, labels in steps:
+        bank_labels = miner.bank_labels[: miner.filled].clone() if miner.bank_labels is not None else labels[:0]
+        cand_labels = torch.cat([labels, bank_labels])
+        mined = miner.sample(emb, labels, emb, labels, torch.arange(len(emb)))
+        triplets = _as_list(mined.triplets)
+        # Oracle: every (anchor in the batch, positive, negative) among the candidates, by a loop.
+        total = sum(1 for a in range(len(emb)) for p in range(len(cand_labels)) for n in range(len(cand_labels))
+                    if p != a and cand_labels[p] == labels[a] and cand_labels[n] != labels[a])
+        assert len(triplets) == len(set(triplets)) == min(60, total)
+        for a, p, n in triplets:
+            assert a < len(emb) and p != a and cand_labels[p] == labels[a] and cand_labels[n] != labels[a]
+        counts.append(len(triplets))
+    assert counts[-1] == 60 and counts[0] < 60  # the cap binds once the bank holds batches
+
+
 def test_bank_refuses_a_changing_batch_size():
     miner = MinerWithBank(2)
     emb, labels = _batch(n_labels=3, k=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from raymetric.miners.base import MinedTriplets, TripletMiner
+from raymetric.miners.batch import AllTripletsMiner
 
 
 class MinerWithBank(TripletMiner):
@@ -52,7 +53,9 @@ class MinerWithBank(TripletMiner):
             )
         candidates = torch.cat([ref_emb, self.bank_emb[: self.filled]])  # [N + filled, D]
         cand_labels = torch.cat([ref_labels, self.bank_labels[: self.filled]])
-        t = self.miner.mine(emb, labels, candidates, cand_labels, anchor_ref_index)
+        # A capped all_triplets draws its subset among the global batch's anchors, not the bank's rows.
+        extra = {"n_anchor_rows": n} if isinstance(self.miner, AllTripletsMiner) else {}
+        t = self.miner.mine(emb, labels, candidates, cand_labels, anchor_ref_index, **extra)
         stats = {"bank_positives": (t.positive >= n).sum(), "bank_negatives": (t.negative >= n).sum()}
         self.push(ref_emb, ref_labels)
         return MinedTriplets(candidates, t, stats)

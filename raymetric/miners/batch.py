@@ -35,15 +35,18 @@ class AllTripletsMiner(TripletMiner):
         self.max_output_triplets = max_output_triplets
         self.calls = 0
 
-    def mine(self, emb, labels, ref_emb, ref_labels, anchor_ref_index) -> Triplets:
+    def mine(self, emb, labels, ref_emb, ref_labels, anchor_ref_index, n_anchor_rows: int | None = None) -> Triplets:
+        """``n_anchor_rows``: only the first rows of the reference batch can be anchors (the global batch
+        before a memory bank's rows); None: all of them."""
         self.calls += 1
         if self.max_output_triplets is None:
             pos_mask, neg_mask = pair_masks(labels, ref_labels, anchor_ref_index)
             return _all_triplets(pos_mask, neg_mask, anchor_ref_index)
-        # Every worker enumerates the global triplets the same way and draws the same subset.
-        n = len(ref_labels)
+        # Every worker enumerates the global triplets (anchors: the global batch) the same way and draws the
+        # same subset.
+        n = len(ref_labels) if n_anchor_rows is None else n_anchor_rows
         all_rows = torch.arange(n, device=ref_labels.device)
-        pos_mask, neg_mask = pair_masks(ref_labels, ref_labels, all_rows)  # [N, N]
+        pos_mask, neg_mask = pair_masks(ref_labels[:n], ref_labels, all_rows)  # [n, N]
         n_pos, n_neg = pos_mask.sum(1), neg_mask.sum(1)  # [N]
         per_anchor = (n_pos * n_neg).cpu().numpy()
         total = int(per_anchor.sum())
