@@ -203,6 +203,10 @@ class TrainConfig(_Strict):
     # fused=True for optimizers that have a fused kernel (adam, adamw, sgd, adagrad); auto: on a GPU.
     # An explicit optimizer.args.fused or foreach wins.
     fused_optimizer: bool | Literal["auto"] = "auto"
+    # Lightning's key: BatchNorm layers normalise with the statistics of the global batch (all workers),
+    # as one process on the whole batch would; needs ray.use_gpu (torch's SyncBatchNorm runs on CUDA).
+    # Off, each worker normalises its own share of the batch, as DDP does by default.
+    sync_batchnorm: bool = False
     # Also checkpoint every N global steps inside an epoch (a multiple of accumulate_grad_batches);
     # null: only at the end of each epoch.
     checkpoint_every_n_steps: PositiveInt | None = None
@@ -623,6 +627,9 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
         if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise ConfigError(f"config key compile_backend: unknown backend {cfg.compile_backend!r}; known: "
                               f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
+    if cfg.sync_batchnorm and not cfg.ray.use_gpu:
+        raise ConfigError("config key sync_batchnorm=true needs ray.use_gpu=true: torch's SyncBatchNorm runs on "
+                          "CUDA only (on CPU each worker normalises its share of the batch)")
     if cfg.fused_optimizer is True:
         from raymetric.optim import has_fused
 

@@ -465,6 +465,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     extractor = build_extractor(cfg.extractor.name, cfg.extractor.args, loop_config.get("extractors")).to(device)
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
+    if cfg.sync_batchnorm and world_size > 1:  # BatchNorm statistics of the global batch (CUDA only)
+        extractor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(extractor)
     miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
     criterion = build_criterion(
         cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=extractor.feat_dim,
@@ -496,6 +498,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             state = load_state(os.path.join(d, STATE_FILE), device)
     elif cfg.resume_from and resume_target(cfg.resume_from)[0] == "checkpoint":
         state = load_state(resume_target(cfg.resume_from)[1], device)  # a new run from another run's state
+        # Its best checkpoint is its own: the first validation sets it (best/state.pt in this run directory).
+        state = {**state, "best": None, "best_epoch": None}
     if state is not None:
         restore_training_state(state, extractor, criterion, optimizer, scheduler)
         epoch0, step0, optimizer_steps = state["epoch"], state["step"], state["optimizer_steps"]
@@ -569,7 +573,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             # DDP registers the trainable parameters when it wraps, so wrap again after a change.
             frozen = epoch < cfg.freeze_n_epochs
             set_trainable(extractor_param_groups(extractor)["backbone"], not frozen)
-            model = wrap_ddp(extractor, device)
+            model = wrap_ddp(model, device)  # the old wrapper's hooks go
         model.train()
         criterion.train()
         resumed = partial if start_step else {"sums": {}, "steps": 0}
@@ -604,13 +608,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 floats = {k: float(v) for k, v in sums.items()}
                 step_metrics = {"epoch": epoch, "step": step + 1} | {f"train/{k}": v / n_done for k, v in floats.items()}
                 save_and_report(step_metrics, epoch, step + 1, floats, n_done, new_best=False)
+        used_lr = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # the last step's
         step_scheduler("epoch", epoch + 1)
 
         epoch_time = time.time() - epoch_start
         metrics = {"epoch": epoch + 1} | {f"train/{k}": float(v) / max(n_done, 1) for k, v in sums.items()}
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        if len(optimizer.param_groups) > 1:
-            metrics |= {f"train/lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
+        metrics["train/lr"] = next(iter(used_lr.values()))  # as Lightning's LearningRateMonitor: the lr trained with
+        if len(used_lr) > 1:
+            metrics |= {f"train/lr/{name}": lr for name, lr in used_lr.items()}
         if cfg.freeze_n_epochs:
             metrics["train/backbone_frozen"] = float(frozen)
         metrics["train/images_per_s"] = (sampler.n_steps - start_step) * sampler.global_batch_size / max(epoch_time, 1e-9)
