@@ -147,6 +147,11 @@ class LoaderConfig(_Strict):
     cache: bool = False
     cache_size: PositiveInt | None = None
     cache_dir: str | None = None
+    # Where training batches are decoded and augmented: dataloader (num_workers processes next to each Ray
+    # Train worker) or ray_data (Ray tasks anywhere in the cluster, ray_data_cpus CPUs each, streamed to the
+    # worker in its plan's order; the same batches as num_workers: 0; raymetric/data/ray_ingest.py).
+    source: Literal["dataloader", "ray_data"] = "dataloader"
+    ray_data_cpus: PositiveFloat = 1.0
 
 
 class PictureConfig(_Strict):
@@ -649,7 +654,7 @@ def check_config(cfg: TrainConfig, extractors: dict | None = None) -> None:
 
     problem = check_loader_settings(
         cfg.loader.augment_on, cfg.loader.decode, cfg.transforms_train.name, cfg.ray.use_gpu, cfg.on_bad_image,
-        cfg.loader.cache,
+        cfg.loader.cache, cfg.loader.source,
     )
     if problem:
         raise ConfigError(problem)

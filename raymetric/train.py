@@ -167,6 +167,12 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
             f"config key ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
             f"needs {need_cpu:g} CPUs; the Ray cluster has {total.get('CPU', 0):g}"
         )
+    if cfg.loader.source == "ray_data" and total.get("CPU", 0) < need_cpu + cfg.loader.ray_data_cpus:
+        raise ConfigError(
+            f"config key loader.source=ray_data needs loader.ray_data_cpus={cfg.loader.ray_data_cpus:g} CPUs free "
+            f"beside the workers' {need_cpu:g} (ray.num_workers x ray.cpus_per_worker); the Ray cluster has "
+            f"{total.get('CPU', 0):g}: lower ray.cpus_per_worker or add CPU nodes, or the tasks would wait forever"
+        )
     if cfg.ray.use_gpu and total.get("GPU", 0) < cfg.ray.num_workers:
         raise ConfigError(
             f"config key ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers} needs that many GPUs; "
@@ -334,7 +340,7 @@ class TrainData:
     """A worker's data: its train loader (with the distributed sampler) and its validation shard."""
 
     train_loader: torch.utils.data.DataLoader
-    train_batches: DeviceBatches  # the train loader's batches on the device, finished (raymetric/data/loading.py)
+    train_batches: DeviceBatches  # the batches on the device, finished (raymetric/data/loading.py, ray_ingest.py)
     sampler: GlobalPlanSampler
     val_loader: torch.utils.data.DataLoader
     val_rows: ValidationRows
@@ -398,8 +404,17 @@ def setup_data(
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=cfg.bs_val, shuffle=False, collate_fn=collate_dropping if skip else None, **loader_args
     )
+    if cfg.loader.source == "ray_data":  # Ray tasks decode and augment, anywhere in the cluster
+        from raymetric.data.ray_ingest import RayDataBatches
+
+        train_batches = RayDataBatches(
+            train_set, collate or (collate_substituting if skip else None), sampler, to_device, seed=cfg.seed,
+            rank=rank, cpus=cfg.loader.ray_data_cpus, prefetch=cfg.loader.prefetch_factor,
+        )
+    else:
+        train_batches = DeviceBatches(train_loader, to_device, cfg.loader.look_ahead)
     return TrainData(
-        train_loader, DeviceBatches(train_loader, to_device, cfg.loader.look_ahead), sampler, val_loader,
+        train_loader, train_batches, sampler, val_loader,
         ValidationRows.from_frame(val_df), my_val_rows,
         num_classes=int(train_labels.max()) + 1, label2category=_label2category(train_df, train_labels),
         val_frame=val_df,

@@ -290,12 +290,16 @@ def build_train_input(
 def check_loader_settings(
     augment_on: str, decode: str, transforms_name: str, use_gpu: bool, on_bad_image: str = "error",
     cache: bool = False,
+    source: str = "dataloader",
 ) -> str | None:
     """A problem with the ``loader`` keys for this run, naming the key, or None.
 
     >>> check_loader_settings("auto", "gpu", "augs_torch", use_gpu=False)
     'config key loader.decode=gpu needs ray.use_gpu=true: nvJPEG decodes on the GPU'
     """
+    if source == "ray_data" and decode == "gpu":
+        return ("config key loader.source=ray_data does not go with loader.decode=gpu: Ray tasks decode the "
+                "images; nvJPEG decodes in the training process")
     if cache and decode == "gpu":
         return ("config key loader.cache=true does not go with loader.decode=gpu: the cache holds decoded pixels, "
                 "nvJPEG decodes files")
