@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from raymetric.data.check_images import record_box, row_blocks
 from raymetric.data.csv import BBOX_COLUMNS
 from raymetric.data.dataset import ImageReadError, read_image
 
@@ -69,11 +70,8 @@ def _shrink_rows(rows: pd.DataFrame, size: int) -> pd.DataFrame:
     has_bbox = all(c in rows.columns for c in BBOX_COLUMNS)
     out = []
     for record in rows.to_dict("records"):
-        box = None
-        if has_bbox and not pd.isna(record["x_1"]):
-            box = [int(record[c]) for c in ("x_1", "y_1", "x_2", "y_2")]
         try:
-            image = shrink(read_image(record["path"], box), size)
+            image = shrink(read_image(record["path"], record_box(record, has_bbox)), size)
         except ImageReadError as err:
             out.append({"pos": record["pos"], "height": 0, "width": 0, "pixels": b"", "error": str(err)})
             continue
@@ -95,27 +93,18 @@ def build_image_cache(frame: pd.DataFrame, size: int, root: str, *, rows_per_tas
     Returns:
         The cache folder (``<root>/<key>``).
     """
-    import ray.data
-
     target = os.path.join(os.path.abspath(root), cache_key(frame, size))
     if os.path.isfile(os.path.join(target, META_FILE)):
         return target
     os.makedirs(root, exist_ok=True)
     building = f"{target}.building-{uuid.uuid4().hex[:8]}"  # a crash leaves no folder that looks complete
     os.makedirs(building)
-    columns = ["path", *[c for c in BBOX_COLUMNS if c in frame.columns]]
-    rows = frame[columns].reset_index(drop=True).copy()
-    rows.insert(0, "pos", np.arange(len(rows)))
-    for c in BBOX_COLUMNS:
-        if c in rows:  # Arrow wants plain floats: nullable Int64 becomes float with NaN
-            rows[c] = rows[c].astype("float64")
-    n_blocks = max(1, -(-len(rows) // rows_per_task))
-    # Ray: blocks built here, no repartition; a function in map_batches runs as tasks.
-    ds = ray.data.from_pandas([rows.iloc[i] for i in np.array_split(np.arange(len(rows)), n_blocks)])
+    n = len(frame)
+    ds = row_blocks(frame, np.arange(n), "pos", rows_per_task)
     shrunk = ds.map_batches(_shrink_rows, fn_kwargs={"size": size}, batch_format="pandas", batch_size=None)
-    offset = np.zeros(len(rows), np.int64)
-    height = np.zeros(len(rows), np.int32)
-    width = np.zeros(len(rows), np.int32)
+    offset = np.zeros(n, np.int64)
+    height = np.zeros(n, np.int32)
+    width = np.zeros(n, np.int32)
     errors: dict[str, str] = {}
     written = 0
     with open(os.path.join(building, PIXELS_FILE), "wb") as f:
@@ -130,7 +119,7 @@ def build_image_cache(frame: pd.DataFrame, size: int, root: str, *, rows_per_tas
                 written += len(record["pixels"])
     np.savez(os.path.join(building, INDEX_FILE), offset=offset, height=height, width=width)
     with open(os.path.join(building, META_FILE), "w") as f:
-        json.dump({"size": size, "n_images": len(rows), "bytes": written, "errors": errors}, f)
+        json.dump({"size": size, "n_images": n, "bytes": written, "errors": errors}, f)
     try:
         os.replace(building, target)
     except OSError:  # another process (a parallel Tune trial) finished the same cache first
