@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per query")
     args = parser.parse_args(argv)
 
+    from raymetric.data.dataset import ImageReadError
     from raymetric.predict import IMAGE_SUFFIXES, ImageIndex
 
     queries = []
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = ImageIndex.load(args.index, nprobe=args.nprobe)
         hits = index.search(queries, k=args.k)
-    except (FileNotFoundError, OSError, ValueError) as err:
+    except (OSError, ValueError, ImageReadError) as err:  # no index, a bad k, an unreadable image
         print(f"error: {err}", file=sys.stderr)
         return 2
     for q, path in enumerate(queries):

@@ -108,6 +108,12 @@ def test_predict_index_finds_neighbours_at_the_validation_rate(ray_session, tiny
     assert [h["rank"] for h in found] == [1, 2, 3]
     assert found[0]["row"] == plain and found[0]["distance"] < 1e-3
     assert found[0]["label"] == int(frame.at[plain, "label"])
+    spec = importlib.util.spec_from_file_location("job_search_errors", os.path.join(ROOT, "jobs", "search.py"))
+    search_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search_job)
+    assert search_job.main(["--index", str(pred), str(tmp_path / "missing.jpg")]) == 2
+    assert search_job.main(["--index", str(tmp_path), os.path.join(tiny_demo, frame.at[plain, "path"])]) == 2
+    assert "cannot read image" in capsys.readouterr().err
 
     # A folder, the export folder as the extractor, an IVF index probing every list: the same neighbours.
     folder = os.path.join(tiny_demo, "images", "validation")
