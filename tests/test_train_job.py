@@ -57,6 +57,27 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
 
     _check_standalone_validation_agrees(run_dir, metrics, tiny_demo)
     _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
+    _check_new_run_from_a_checkpoint(run_dir, tiny_demo, tmp_path)
+
+
+def _check_new_run_from_a_checkpoint(run_dir, tiny_demo, tmp_path):
+    """resume_from=<checkpoint folder>: a new run continues that state for one more epoch, and its best
+    checkpoint is its own (the old run's best value does not carry over)."""
+    import train as train_job
+
+    from raymetric.checkpoint import load_state
+
+    latest = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_2"))[-1]
+    assert train_job.main(
+        ["--config", os.path.join(ROOT, "configs", "demo.yaml"), "--quiet", f"dataset_root={tiny_demo}",
+         f"ray.storage_path={tmp_path}", "ray.name=continued", "max_epochs=3", "valid_period=1", *TINY,
+         f"resume_from={os.path.join(run_dir, latest)}"]
+    ) == 0
+    new_dir = os.path.join(tmp_path, "continued")
+    history = [json.loads(line) for line in open(os.path.join(new_dir, "history.jsonl"))]
+    assert [h["epoch"] for h in history] == [3]  # epochs 1-2 came with the state
+    best = load_state(os.path.join(new_dir, "best", "state.pt"))
+    assert best["best_epoch"] == 3 and best["best"] == history[0]["val/cmc@1"]
 
 
 def _check_standalone_validation_agrees(run_dir, metrics, tiny_demo):
