@@ -36,15 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from raymetric.data.dataset import ImageReadError
-    from raymetric.predict import IMAGE_SUFFIXES, ImageIndex
+    from raymetric.predict import ImageIndex, image_files
 
     queries = []
     for item in args.images:
-        if os.path.isdir(item):
-            queries += sorted(os.path.join(root, f) for root, _, files in os.walk(item)
-                              for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-        else:
-            queries.append(item)
+        queries += image_files(item) if os.path.isdir(item) else [item]
     try:
         index = ImageIndex.load(args.index, nprobe=args.nprobe)
         hits = index.search(queries, k=args.k)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from raymetric.checkpoint import BEST_DIR, STATE_FILE
+from raymetric.checkpoint import BEST_DIR, STATE_FILE, load_state
 
 META_FILE = "extractor.json"
 WEIGHTS_FILE = "extractor.safetensors"
@@ -87,19 +87,29 @@ def default_export_dir(source: str) -> str:
 def read_checkpoint(path: str, which: str = "best") -> dict:
     """A raymetric training checkpoint: ``model`` (the extractor's state dict) and ``config`` among others."""
     state_path = find_checkpoint(path, which)
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_state(state_path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ExportError(f"{state_path}: not a raymetric checkpoint (no 'model' and 'config' in it)")
     state["path"] = state_path
     return state
 
 
+def trained_extractor_spec(extractor: dict) -> dict:
+    """``{"name", "args"}`` that rebuild a trained extractor, without ``args.weights``.
+
+    The state dict holds every tensor: the pretrained-weights file the run started from is not needed.
+
+    >>> trained_extractor_spec({"name": "timm", "args": {"arch": "resnet18", "weights": "x.pth"}})
+    {'name': 'timm', 'args': {'arch': 'resnet18'}}
+    """
+    return {"name": extractor["name"], "args": {k: v for k, v in extractor.get("args", {}).items() if k != "weights"}}
+
+
 def _build(extractor: dict, extractors: dict | None) -> torch.nn.Module:
     from raymetric.extractors import build_extractor
 
-    # The state dict holds every tensor: the pretrained weights file the run started from is not needed.
-    args = {k: v for k, v in extractor.get("args", {}).items() if k != "weights"}
-    return build_extractor(extractor["name"], args, extractors)
+    spec = trained_extractor_spec(extractor)
+    return build_extractor(spec["name"], spec["args"], extractors)
 
 
 def extractor_from_checkpoint(path: str, *, which: str = "best", extractors: dict | None = None) -> tuple[torch.nn.Module, dict]:
@@ -144,17 +154,31 @@ def export_extractor(
     Returns:
         The written files by format (``meta`` for ``extractor.json``).
     """
+    return export_state(read_checkpoint(source, which), out_dir, formats=formats, extractors=extractors)
+
+
+def export_state(
+    state: dict,
+    out_dir: str,
+    *,
+    formats: Sequence[str] = ("state_dict", "torchscript"),
+    extractors: dict | None = None,
+    transforms: dict | None = None,
+) -> dict[str, str]:
+    """:func:`export_extractor` of a checkpoint already read (:func:`read_checkpoint`).
+
+    ``transforms``: the ``{"name", "args"}`` to record instead of the run's ``transforms_val``.
+    """
     from raymetric.data.transforms import build_transforms
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"formats {list(formats)}: choose from {list(FORMATS)}")
-    state = read_checkpoint(source, which)
     cfg = state["config"]
     model = _build(cfg["extractor"], extractors)
     model.load_state_dict(state["model"])
     model.eval()
-    transforms = cfg["transforms_val"]
+    transforms = transforms or cfg["transforms_val"]
     size = input_size(build_transforms(transforms["name"], transforms["args"]))
     example = torch.zeros(2, *size)  # [B, C, H, W]; 2, not 1: torch.export specialises a batch of 1
     os.makedirs(out_dir, exist_ok=True)
@@ -163,7 +187,7 @@ def export_extractor(
     meta = {
         "format": FORMAT,
         "version": 1,
-        "extractor": {"name": cfg["extractor"]["name"], "args": {k: v for k, v in cfg["extractor"]["args"].items() if k != "weights"}},
+        "extractor": trained_extractor_spec(cfg["extractor"]),
         "timm_arch": cfg["extractor"]["args"].get("arch") if cfg["extractor"]["name"] == "timm" else None,
         "feat_dim": _feat_dim(model, example),
         "transforms": transforms,

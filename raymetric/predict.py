@@ -51,7 +51,7 @@ class ExtractorSource:
     state: dict  # the extractor's state dict
     transforms: dict  # {"name", "args"}: the checkpoint's transforms_val, or the export's transform
     path: str  # the state.pt or export folder it came from
-    exported: bool  # an export folder (jobs/export.py), not a training checkpoint
+    checkpoint: dict | None = None  # the training checkpoint as read (None: an export folder)
 
 
 def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
@@ -59,7 +59,7 @@ def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
 
     Raises ConfigError naming the key ``checkpoint`` when there is none or it does not load.
     """
-    from raymetric.export import META_FILE, WEIGHTS_FILE, ExportError, read_checkpoint
+    from raymetric.export import META_FILE, WEIGHTS_FILE, ExportError, read_checkpoint, trained_extractor_spec
 
     if not os.path.exists(path):
         raise ConfigError(f"config key checkpoint: no such file or folder: {path!r}")
@@ -70,24 +70,24 @@ def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
             with open(os.path.join(path, META_FILE)) as f:
                 meta = json.load(f)
             return ExtractorSource(meta["extractor"], load_file(os.path.join(path, WEIGHTS_FILE)),
-                                   meta["transforms"], os.path.abspath(path), exported=True)
+                                   meta["transforms"], os.path.abspath(path))
         state = read_checkpoint(path, which)
     except (ExportError, OSError, KeyError, RuntimeError, ValueError) as err:
         raise ConfigError(f"config key checkpoint: {path!r} holds no readable extractor: "
                           f"{type(err).__name__}: {err}") from None
     cfg = state["config"]
-    extractor = {"name": cfg["extractor"]["name"],
-                 # Every tensor is in the state dict: the pretrained-weights file of training is not needed.
-                 "args": {k: v for k, v in cfg["extractor"].get("args", {}).items() if k != "weights"}}
-    return ExtractorSource(extractor, state["model"], cfg["transforms_val"], os.path.abspath(state["path"]),
-                           exported=False)
+    return ExtractorSource(trained_extractor_spec(cfg["extractor"]), state["model"], cfg["transforms_val"],
+                           os.path.abspath(state["path"]), checkpoint=state)
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files under ``folder`` (searched recursively, by suffix), sorted by path."""
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                  for f in files if f.lower().endswith(IMAGE_SUFFIXES))
 
 
 def _folder_frame(folder: str) -> pd.DataFrame:
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+    paths = image_files(folder)
     if not paths:
         raise ConfigError(f"config key images: no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}")
     return pd.DataFrame({"path": [os.path.abspath(p) for p in paths]})
@@ -105,7 +105,7 @@ def _csv_frame(cfg: PredictConfig) -> pd.DataFrame:
         _list_rows,
         _parse_bboxes,
         _parse_ints,
-        _resolve_paths,
+        _parse_paths,
         _text,
         load_dataset_csv,
     )
@@ -130,12 +130,10 @@ def _csv_frame(cfg: PredictConfig) -> pd.DataFrame:
     if not len(df):
         raise DatasetError(f"{csv_path}: no rows")
     problems = []
-    path = _text(df["path"])
-    if path.isna().any():
-        problems.append(f"column 'path': {_count(path.isna(), 'row')} without a path: {_list_rows(path[path.isna()])}")
-    else:
-        df["path"] = _resolve_paths(path, root)
-        problems += _check_files(df["path"], root)
+    path, has_path = _parse_paths(df["path"], root, problems)
+    if has_path.all():
+        df["path"] = path
+        problems += _check_files(path, root)
     if "label" in df:  # optional per row: an empty label is -1 (unknown)
         text = _text(df["label"])
         labels, bad = _parse_ints(text)
@@ -260,21 +258,19 @@ def prepare_predict(cfg: PredictConfig) -> tuple[PredictConfig, ExtractorSource,
     return cfg, source, frame
 
 
-def _write_extractor(source: ExtractorSource, out_dir: str, which: str) -> None:
-    from raymetric.export import META_FILE, WEIGHTS_FILE, export_extractor
+def _write_extractor(source: ExtractorSource, out_dir: str) -> None:
+    """The extractor and the transform this job embedded with, as an export folder."""
+    from raymetric.export import META_FILE, WEIGHTS_FILE, export_state
 
-    if source.exported:
-        os.makedirs(out_dir, exist_ok=True)
-        for name in (META_FILE, WEIGHTS_FILE):
-            shutil.copy(os.path.join(source.path, name), os.path.join(out_dir, name))
-    else:
-        export_extractor(source.path, out_dir, formats=("state_dict",), which=which)
-    meta_path = os.path.join(out_dir, META_FILE)  # the transform this job embedded with
-    with open(meta_path) as f:
+    if source.checkpoint is not None:
+        export_state(source.checkpoint, out_dir, formats=("state_dict",), transforms=source.transforms)
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(os.path.join(source.path, WEIGHTS_FILE), os.path.join(out_dir, WEIGHTS_FILE))
+    with open(os.path.join(source.path, META_FILE)) as f:
         meta = json.load(f)
-    meta["transforms"] = source.transforms
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=2)
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta | {"transforms": source.transforms}, f, indent=2)
 
 
 def run_predict(cfg: PredictConfig, *, quiet: bool = False) -> PredictResult:
@@ -289,7 +285,7 @@ def run_predict(cfg: PredictConfig, *, quiet: bool = False) -> PredictResult:
                       batch_size=cfg.bs, ray_cfg=cfg.ray)
     table = table_of(frame, emb)
     write_embeddings(table, os.path.join(run_dir, EMBEDDINGS_FILE))
-    _write_extractor(source, os.path.join(run_dir, EXTRACTOR_DIR), cfg.which)
+    _write_extractor(source, os.path.join(run_dir, EXTRACTOR_DIR))
     index_path = None
     if cfg.index.type != "none":
         import faiss

@@ -107,3 +107,15 @@ def shutdown_if_started() -> None:
     if _started_here and ray.is_initialized():
         ray.shutdown()
     _started_here = False
+
+
+def quiet_ray_data():
+    """Ray Data without progress bars, start-up lines or INFO logs (../shared/RAY_NOTES.md section 5);
+    returns the ``DataContext`` for further settings."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ctx

@@ -18,7 +18,6 @@ some free (``ray.cpus_per_worker`` below the node's share) or add CPU nodes, or 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -76,11 +75,9 @@ class RayDataBatches:
         import ray
         import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.execution_options.preserve_order = True  # batches in the plan's order
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        from raymetric.ray_env import quiet_ray_data
+
+        quiet_ray_data().execution_options.preserve_order = True  # batches in the plan's order
         if self._refs is None:  # the dataset goes to the object store once per run
             self._refs = [ray.put((self.dataset, self.collate or torch.utils.data.default_collate))]
         start = self.sampler.start_step

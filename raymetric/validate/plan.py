@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
+from raymetric.checkpoint import load_state
 from raymetric.config import ConfigError, MetricArgs, TrainConfig, ValidateConfig, check_picture
 from raymetric.embeddings import EmbeddingsTable, optional_strings, read_embeddings
 from raymetric.search import check_retrieval_config
@@ -27,6 +27,7 @@ class ValidationPlan:
     frame: pd.DataFrame | None = None  # validation rows of the dataset, with a checkpoint
     train_cfg: TrainConfig | None = None  # the checkpoint's config
     state_path: str | None = None  # the checkpoint's state.pt
+    model_state: dict | None = None  # its extractor's state dict (read once, on the driver)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -46,7 +47,7 @@ def resolve_checkpoint(path: str) -> str:
 def load_checkpoint(state_path: str) -> tuple[TrainConfig, dict]:
     """The training config and the extractor's state dict of a checkpoint."""
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(state_path)
     except Exception as err:  # a truncated file, a pickle that is not weights-only, ...
         raise ConfigError(f"config key checkpoint: cannot read {state_path!r}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -87,7 +88,7 @@ def prepare_validation(cfg: ValidateConfig) -> ValidationPlan:
         return ValidationPlan(cfg, table=table)
 
     state_path = os.path.abspath(resolve_checkpoint(cfg.checkpoint))
-    train_cfg, _ = load_checkpoint(state_path)
+    train_cfg, model_state = load_checkpoint(state_path)
     from raymetric.extractors import EXTRACTORS
 
     if train_cfg.extractor.name not in EXTRACTORS:
@@ -113,7 +114,7 @@ def prepare_validation(cfg: ValidateConfig) -> ValidationPlan:
     frame = df[df["split"] == "validation"].reset_index(drop=True)
     if not len(frame):
         raise DatasetError(f"{cfg.dataset_root}/{cfg.dataframe_name}: column 'split': no 'validation' rows")
-    return ValidationPlan(cfg, frame=frame, train_cfg=train_cfg, state_path=state_path)
+    return ValidationPlan(cfg, frame=frame, train_cfg=train_cfg, state_path=state_path, model_state=model_state)
 
 
 def table_from_frame(frame: pd.DataFrame, embeddings: np.ndarray) -> EmbeddingsTable:

@@ -5,32 +5,18 @@ Only this module of the package touches Ray (imported inside functions, so the r
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 
-from raymetric.config import TrainConfig
 from raymetric.embeddings import EmbeddingsTable
+from raymetric.export import trained_extractor_spec
+from raymetric.ray_env import quiet_ray_data
 from raymetric.retrieval import TopK, histogram_range, merge_topk, own_rows, pair_distance_histogram, topk_shard
 from raymetric.search import SearchSettings
-from raymetric.validate.plan import ValidationPlan, load_checkpoint, table_from_frame
-
-
-def _quiet_ray_data() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ../shared/RAY_NOTES.md §5
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _model_args(train_cfg: TrainConfig) -> dict:
-    # The checkpoint holds every weight: a pretrained-weights file named in training need not exist here.
-    return {k: v for k, v in train_cfg.extractor.args.items() if k != "weights"}
+from raymetric.validate.plan import ValidationPlan, table_from_frame
 
 
 class _DecodeEmbed:
@@ -78,9 +64,8 @@ def _decode(batch: dict, refs: list, transforms: dict) -> dict:
 def embed_with_ray_data(plan: ValidationPlan) -> EmbeddingsTable:
     """Embeddings of the plan's validation rows with a Ray Data actor pool (``ray.num_workers`` actors)."""
     cfg = plan.cfg
-    _, state = load_checkpoint(plan.state_path)
-    extractor = {"name": plan.train_cfg.extractor.name, "args": _model_args(plan.train_cfg)}
-    emb = embed_frame(plan.frame, state, extractor, cfg.transforms_val.model_dump(), batch_size=cfg.bs_val,
+    extractor = trained_extractor_spec(plan.train_cfg.extractor.model_dump())
+    emb = embed_frame(plan.frame, plan.model_state, extractor, cfg.transforms_val.model_dump(), batch_size=cfg.bs_val,
                       ray_cfg=cfg.ray)
     return table_from_frame(plan.frame, emb)
 
@@ -103,7 +88,7 @@ def embed_frame(frame: pd.DataFrame, state: dict, extractor: dict, transforms: d
 
     from raymetric.data.dataset import ImageDataset  # noqa: F401  (fail here, not in an actor)
 
-    _quiet_ray_data()
+    quiet_ray_data()
     if "label" not in frame:
         frame = frame.assign(label=np.zeros(len(frame), np.int64))  # ImageDataset's items carry one
     refs = [ray.put(state), ray.put(frame)]
@@ -190,7 +175,7 @@ class RayDataSearcher:
                  use_gpu: bool = False):
         import ray.data
 
-        _quiet_ray_data()
+        quiet_ray_data()
         self.table, self.settings, self.threads, self.use_gpu = table, settings, threads, use_gpu
         self.labels = torch.from_numpy(table.labels)
         codes = table.sequence_codes()
