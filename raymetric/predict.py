@@ -260,7 +260,8 @@ def prepare_predict(cfg: PredictConfig) -> tuple[PredictConfig, ExtractorSource,
 
 def _write_extractor(source: ExtractorSource, out_dir: str) -> None:
     """The extractor and the transform this job embedded with, as an export folder."""
-    from raymetric.export import META_FILE, WEIGHTS_FILE, export_state
+    from raymetric.data.transforms import build_transforms
+    from raymetric.export import META_FILE, WEIGHTS_FILE, export_state, input_size
 
     if source.checkpoint is not None:
         export_state(source.checkpoint, out_dir, formats=("state_dict",), transforms=source.transforms)
@@ -269,8 +270,9 @@ def _write_extractor(source: ExtractorSource, out_dir: str) -> None:
     shutil.copy(os.path.join(source.path, WEIGHTS_FILE), os.path.join(out_dir, WEIGHTS_FILE))
     with open(os.path.join(source.path, META_FILE)) as f:
         meta = json.load(f)
+    size = input_size(build_transforms(source.transforms["name"], source.transforms["args"]))  # of the transform used
     with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta | {"transforms": source.transforms}, f, indent=2)
+        json.dump(meta | {"transforms": source.transforms, "input_size": size}, f, indent=2)
 
 
 def run_predict(cfg: PredictConfig, *, quiet: bool = False) -> PredictResult:

@@ -121,6 +121,12 @@ def test_predict_index_finds_neighbours_at_the_validation_rate(ray_session, tiny
             f"ray.storage_path={tmp_path}", "ray.name=folder", "ray.num_workers=1", "index.type=ivf",
             "index.nlist=2", "index.nprobe=2")
     folder_index = ImageIndex.load(str(tmp_path / "folder"))
+    # A transform given to predict is the one recorded, with its input size, from an export folder too.
+    run_job("predict", capsys, "--quiet", "--checkpoint", str(pred / "extractor"), "--images", folder,
+            f"ray.storage_path={tmp_path}", "ray.name=resized", "ray.num_workers=1", "index.type=none",
+            "transforms={name: norm_resize_torch, args: {im_size: 40}}")
+    meta = json.load(open(tmp_path / "resized" / "extractor" / "extractor.json"))
+    assert meta["transforms"]["args"] == {"im_size": 40} and meta["input_size"] == [3, 40, 40]
     paths = folder_index.table.paths
     assert list(paths) == sorted(paths) and len(paths) == len(frame)
     assert (folder_index.table.labels == -1).all() and folder_index.table.is_gallery.all()
