@@ -108,6 +108,8 @@ class DistributedSearcher:
         row_ids = row_ids.to(device)
         is_gallery = torch.as_tensor(rows.is_gallery, device=device)[row_ids]
         self.gallery_emb, self.gallery_ids = emb[is_gallery], row_ids[is_gallery]  # this worker's gallery shard
+        self.gallery_labels = self.labels[self.gallery_ids]
+        self.gallery_sequences = None if self.sequences is None else self.sequences[self.gallery_ids]
         dtype = torch.float32 if settings.backend == "faiss" else resolve_score_dtype(settings.score_dtype, device)
         self.scoring = scoring_gallery(self.gallery_emb, dtype)
         # The histogram range of fnmr@fmr: the same on every worker, and as in the stand-alone job.
@@ -140,9 +142,9 @@ class DistributedSearcher:
             part = topk_shard(
                 round_emb, self.gallery_emb, k,
                 query_labels=torch.where(round_ids >= 0, self.labels[safe], -1),
-                gallery_labels=self.labels[self.gallery_ids], gallery_ids=self.gallery_ids, query_ids=round_ids,
+                gallery_labels=self.gallery_labels, gallery_ids=self.gallery_ids, query_ids=round_ids,
                 query_sequences=None if self.sequences is None else torch.where(round_ids >= 0, self.sequences[safe], -1),
-                gallery_sequences=None if self.sequences is None else self.sequences[self.gallery_ids],
+                gallery_sequences=self.gallery_sequences,
                 scoring=self.scoring, **self.settings.shard_kwargs())
             # Every shard's top-k for these queries, to every worker: [W, W*C, k] (small).
             dists = all_gather_nograd(part.dist[None])
@@ -177,10 +179,10 @@ class DistributedSearcher:
             ids = round_ids[real]
             total += pair_distance_histogram(
                 round_emb[real], self.gallery_emb, query_labels=self.labels[ids],
-                gallery_labels=self.labels[gallery_ids], max_dist=2 * self.max_norm or 1.0, n_bins=n_bins,
+                gallery_labels=self.gallery_labels, max_dist=2 * self.max_norm or 1.0, n_bins=n_bins,
                 self_row=own_rows(ids, gallery_ids),
                 query_sequences=None if self.sequences is None else self.sequences[ids],
-                gallery_sequences=None if self.sequences is None else self.sequences[gallery_ids],
+                gallery_sequences=self.gallery_sequences,
                 max_block_elems=self.settings.max_block_elems // 4)
         return all_reduce_sum(total)
 
@@ -301,7 +303,7 @@ def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: Validatio
     shown = topk.gallery_ids[chosen, :picture.n_retrieved].to(emb.device)
     labels, sequences = searcher.labels, torch.as_tensor(rows.sequences, device=emb.device)
     dist = torch.cdist(q_emb.double(), searcher.gallery_emb.double())  # [n_queries, local gallery]
-    relevant = (labels[gallery_ids][None] == labels[qids][:, None]) & (gallery_ids[None] != qids[:, None])
+    relevant = (searcher.gallery_labels[None] == labels[qids][:, None]) & (gallery_ids[None] != qids[:, None])
     relevant &= ~((sequences[gallery_ids][None] == sequences[qids][:, None]) & (sequences[qids][:, None] != -1))
     relevant &= ~(gallery_ids[None, :, None] == shown[:, None, :]).any(-1)
     dist = torch.where(relevant, dist, float("inf"))

@@ -209,6 +209,7 @@ def make_trainer(
     extractors: dict | None = None,
     quiet: bool = False,
     callbacks: list | None = None,
+    df: pd.DataFrame | None = None,
 ) -> TorchTrainer:
     """The Ray Train trainer of a checked config (``prepare_run``), writing into ``run_dir``.
 
@@ -216,7 +217,8 @@ def make_trainer(
     second fit with the same directory resumes from them. ``callbacks``: more Ray Train
     ``UserCallback``s (Tune's report forwarding). The config's ``logger`` entries are added here,
     as a callback; a caller that runs the trainer itself ends their run with
-    ``raymetric.progress.watch_run`` (or leaves an MLflow run marked running).
+    ``raymetric.progress.watch_run`` (or leaves an MLflow run marked running). ``df``: the dataset
+    ``prepare_run`` returned (read again when not given), for ``loader.cache``.
     """
     from raymetric.progress import logger_callbacks
 
@@ -224,7 +226,7 @@ def make_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "extractors": extractors, "quiet": quiet, "run_dir": run_dir,
-                           "cache_dir": prepare_image_cache(cfg)},
+                           "cache_dir": prepare_image_cache(cfg, df)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -246,14 +248,19 @@ def make_trainer(
     )
 
 
-def prepare_image_cache(cfg: TrainConfig) -> str | None:
-    """``loader.cache``: the cache folder of the training images, built now (Ray Data) unless it exists."""
+def prepare_image_cache(cfg: TrainConfig, df: pd.DataFrame | None = None) -> str | None:
+    """``loader.cache``: the cache folder of the training images, built now (Ray Data) unless it exists.
+
+    ``df``: the checked dataset, when the caller has it (else it is read again).
+    """
     if not cfg.loader.cache:
         return None
     from raymetric.config import cache_size
     from raymetric.data.cache import build_image_cache
 
-    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False, category_conflict=cfg.category_conflict)
+    if df is None:
+        df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=False,
+                              category_conflict=cfg.category_conflict)
     root = cfg.loader.cache_dir or os.path.join(cfg.ray.storage_path, ".image_cache")
     return build_image_cache(df[df["split"] == "train"], cache_size(cfg), root)
 
@@ -310,7 +317,7 @@ def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False
     if not quiet:
         print(f"run directory: {run_dir}" + (f"  (Ray dashboard: {dashboard_url})" if dashboard_url else ""), flush=True)
     # quiet=True for the workers: the driver prints the progress line itself (watch_run).
-    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True)
+    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, df=df)
     with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=quiet):
         result = trainer.fit()
     metrics = (result.return_value or {}).get("val") or {}

@@ -47,8 +47,8 @@ class AllTripletsMiner(TripletMiner):
         n = len(ref_labels) if n_anchor_rows is None else n_anchor_rows
         all_rows = torch.arange(n, device=ref_labels.device)
         pos_mask, neg_mask = pair_masks(ref_labels[:n], ref_labels, all_rows)  # [n, N]
-        n_pos, n_neg = pos_mask.sum(1), neg_mask.sum(1)  # [N]
-        per_anchor = (n_pos * n_neg).cpu().numpy()
+        n_pos, n_neg = torch.stack([pos_mask.sum(1), neg_mask.sum(1)]).cpu().numpy()  # [n] each: one host copy
+        per_anchor = n_pos * n_neg
         total = int(per_anchor.sum())
         rng = np.random.default_rng([self.seed, self.calls - 1])
         chosen = np.sort(rng.choice(total, size=min(self.max_output_triplets, total), replace=False))
@@ -56,7 +56,7 @@ class AllTripletsMiner(TripletMiner):
         starts = np.cumsum(per_anchor) - per_anchor
         anchor = np.searchsorted(starts, chosen, side="right") - 1
         rest = chosen - starts[anchor]
-        n_neg_np = n_neg.cpu().numpy()[anchor]
+        n_neg_np = n_neg[anchor]
         pos_rank, neg_rank = rest // n_neg_np, rest % n_neg_np
         anchor_t = torch.as_tensor(anchor, device=ref_labels.device)
         pos_sorted = _true_first(pos_mask)  # [N, N]: positives' columns first, ascending

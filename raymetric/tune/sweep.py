@@ -88,9 +88,10 @@ def run_trial(
         f"ray.storage_path={override_value(sweep_dir)}",
         f"ray.name={override_value(trial_id)}",
     ]
-    cfg, _ = prepare_run(config_from_raw(train_raw, overrides), extractors)
+    cfg, df = prepare_run(config_from_raw(train_raw, overrides), extractors)
     run_dir = new_run_dir(cfg)
-    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)])
+    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)],
+                           df=df)
     with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=True):  # opens and closes the loggers
         result = trainer.fit()
     with open(os.path.join(run_dir, METRICS_FILE), "w") as f:

@@ -17,7 +17,7 @@ def write_topk_table(path: str, table: EmbeddingsTable, out: ValidationOutput, w
     """Per query: its row, label, ``n_gt``, top-``width`` gallery rows, distances, relevance, per-query metrics."""
     k = min(width, out.topk.gallery_ids.shape[1])
     ids, dist = out.topk.gallery_ids[:, :k].numpy(), out.topk.dist[:, :k].numpy()
-    relevant = (ids >= 0) & (table.labels[np.maximum(ids, 0)] == table.labels[out.query_rows][:, None])
+    relevant = out.is_relevant[:, :k].numpy()
     columns = {
         "query": pa.array(out.query_rows, pa.int64()),
         "label": pa.array(table.labels[out.query_rows], pa.int64()),

@@ -6,14 +6,11 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
-
 from raymetric.config import ValidateConfig, make_run_dir
 from raymetric.embeddings import write_embeddings
-from raymetric.search import SearchSettings
 from raymetric.validate.outputs import draw_picture, write_topk_table
 from raymetric.validate.plan import prepare_validation
-from raymetric.validate.scoring import score_table, search_memory_bytes
+from raymetric.validate.scoring import score_table
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -42,8 +39,6 @@ def run_validation(cfg: ValidateConfig, *, quiet: bool = False) -> ValidationRes
     plan = prepare_validation(cfg)
     cfg = plan.cfg
     run_dir = new_run_dir(cfg)
-    settings = SearchSettings.from_config(cfg.retrieval, max(cfg.topk_to_save or 0, cfg.metric_args.max_k),
-                                          torch.device("cpu"))
     if plan.table is None:
         from raymetric.validate.ray_data import embed_with_ray_data
 
@@ -53,9 +48,7 @@ def run_validation(cfg: ValidateConfig, *, quiet: bool = False) -> ValidationRes
             write_embeddings(table, os.path.join(run_dir, EMBEDDINGS_FILE))
     else:
         table = plan.table
-    if search_memory_bytes(table, settings) > cfg.retrieval.memory_budget_mb * 2**20:
-        init_ray(quiet=quiet)
-    out = score_table(table, cfg.metric_args, cfg.retrieval, k=cfg.topk_to_save, use_gpu=cfg.ray.use_gpu)
+    out = score_table(table, cfg.metric_args, cfg.retrieval, k=cfg.topk_to_save, use_gpu=cfg.ray.use_gpu, quiet=quiet)
     with open(os.path.join(run_dir, METRICS_FILE), "w") as f:
         json.dump(out.metrics, f, indent=2)
     write_topk_table(os.path.join(run_dir, TOPK_FILE), table, out, cfg.topk_to_save or cfg.metric_args.max_k)

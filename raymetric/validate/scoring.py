@@ -37,15 +37,17 @@ class ValidationOutput:
     topk: TopK  # [Q, k] final results (after post-processing)
     per_query: dict[str, torch.Tensor]  # name -> [Q]
     searched_with: str  # "in-process" or "ray-data (N shards)"
+    is_relevant: torch.Tensor  # [Q, k] whether each retrieved item has the query's label (False in padding)
 
 
 def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k: int | None = None,
-                use_gpu: bool = False) -> ValidationOutput:
+                use_gpu: bool = False, quiet: bool = False) -> ValidationOutput:
     """Every metric of an embeddings table: search (in-process or Ray Data), post-process, score.
 
-    Ray must be initialised when the gallery's search exceeds ``retrieval.memory_budget_mb``. ``k``: items
-    kept per query (at least the largest k of ``metric_args``, the default). ``use_gpu``: search on a GPU
-    (this process's, or one per Ray Data task).
+    A gallery whose search exceeds ``retrieval.memory_budget_mb`` is sharded over Ray Data, joining or
+    starting Ray (``raymetric.ray_env.init_ray``; ``quiet``: without Ray's log lines) when it is not
+    running. ``k``: items kept per query (at least the largest k of ``metric_args``, the default).
+    ``use_gpu``: search on a GPU (this process's, or one per Ray Data task).
     """
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     settings = SearchSettings.from_config(retrieval, max(k or 0, metric_args.max_k), device)
@@ -59,8 +61,10 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
                                  torch.from_numpy(codes).to(device) if (codes != -1).any() else None, settings)
         searched_with = "in-process"
     else:
+        from raymetric.ray_env import init_ray
         from raymetric.validate.ray_data import RayDataSearcher
 
+        init_ray(quiet=quiet)  # the one place that decides Ray is needed
         n_shards = max(2, min(math.ceil(needed / budget), int(table.is_gallery.sum())))
         searcher = RayDataSearcher(table, settings, n_shards, use_gpu=use_gpu)
         searched_with = f"ray-data ({searcher.n_shards} shards)"
@@ -86,4 +90,4 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
     metrics["n_gallery"] = int(table.is_gallery.sum())
     per_query = per_query_metrics(is_relevant, n_retrieved, topk.n_gt, cmc_top_k=metric_args.cmc_top_k,
                                   precision_top_k=metric_args.precision_top_k, map_top_k=metric_args.map_top_k)
-    return ValidationOutput(metrics, query_rows.numpy(), topk, per_query, searched_with)
+    return ValidationOutput(metrics, query_rows.numpy(), topk, per_query, searched_with, is_relevant)
