@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -67,10 +68,24 @@ def save_atomic(state: dict, path: str) -> None:
 
     Writes a temporary file next to it, flushes it to disk, then renames it over ``path``.
     """
+    _write_atomic(path, lambda f: torch.save(state, f))
+
+
+def copy_atomic(src: str, path: str) -> None:
+    """Copy the file ``src`` to ``path`` as :func:`save_atomic` writes (a crash leaves the previous ``path``)."""
+    _write_atomic(path, lambda f: _copy_into(src, f))
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
+
+
+def _write_atomic(path: str, write) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -33,6 +33,7 @@ from raymetric.checkpoint import (
     BEST_DIR,
     STATE_FILE,
     capture_rng,
+    copy_atomic,
     config_mismatches,
     load_state,
     resume_target,
@@ -576,7 +577,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if new_best and run_dir:
                     # Besides Ray's latest checkpoints: Ray's own scoring could delete the latest one.
                     os.makedirs(os.path.join(run_dir, BEST_DIR), exist_ok=True)
-                    save_atomic(state, os.path.join(run_dir, BEST_DIR, STATE_FILE))
+                    copy_atomic(os.path.join(tmp, STATE_FILE), os.path.join(run_dir, BEST_DIR, STATE_FILE))  # no 2nd torch.save
             ray.train.report(metrics, checkpoint=ckpt)
 
     if cfg.validate_untrained and epoch0 == 0 and step0 == 0:

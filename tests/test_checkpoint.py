@@ -53,6 +53,19 @@ def test_atomic_save_keeps_the_previous_file_when_a_write_fails(tmp_path):
     assert os.listdir(tmp_path) == [STATE_FILE], "no temporary file left behind"
 
 
+def test_atomic_copy_gives_the_same_bytes_and_keeps_the_previous_file_when_it_fails(tmp_path):
+    from raymetric.checkpoint import copy_atomic
+
+    src, path = str(tmp_path / "src.pt"), str(tmp_path / "best.pt")
+    save_atomic({"epoch": 1}, path)
+    save_atomic({"epoch": 2}, src)
+    copy_atomic(src, path)
+    assert open(path, "rb").read() == open(src, "rb").read() and load_state(path) == {"epoch": 2}
+    with pytest.raises(FileNotFoundError):
+        copy_atomic(str(tmp_path / "missing.pt"), path)
+    assert load_state(path) == {"epoch": 2} and sorted(os.listdir(tmp_path)) == ["best.pt", "src.pt"]
+
+
 class _Extractor(torch.nn.Module):
     feat_dim = 4
 
