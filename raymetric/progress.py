@@ -50,8 +50,9 @@ def format_progress_line(record: dict[str, Any], max_epochs: int, metric_key: st
         parts = [f"epoch {record.get('epoch', '?')}/{max_epochs}"]
     if "train/loss" in record:
         parts.append(f"loss {record['train/loss']:.4f}")
-        if "train/active_triplets" in record:
-            parts.append(f"active {record['train/active_triplets']:.2f}")
+        for name, short in (("train/active_triplets", "active"), ("train/accuracy", "acc")):
+            if name in record:
+                parts.append(f"{short} {record[name]:.2f}")
         if "train/images_per_s" in record:
             parts.append(f"{record['train/images_per_s']:.0f} img/s")
     else:

@@ -55,6 +55,7 @@ from raymetric.distributed import all_reduce_sum, broadcast_buffers, world
 from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics, worst_picture_rows
 from raymetric.extractors import build_extractor
 from raymetric.loggers import IMAGES_KEY
+from raymetric.progress import format_progress_line
 from raymetric.losses import build_criterion
 from raymetric.optim import (
     build_lr_schedule,
@@ -446,17 +447,6 @@ def save_training_picture(rows: list, val_frame: pd.DataFrame, picture, run_dir:
     return path
 
 
-def _format_epoch_line(epoch: int, max_epochs: int, metrics: dict, key: str, eta_s: float) -> str:
-    line = f"epoch {epoch}/{max_epochs}  loss {metrics['train/loss']:.4f}"
-    for name, short in (("train/active_triplets", "active"), ("train/accuracy", "acc")):
-        if name in metrics:
-            line += f"  {short} {metrics[name]:.2f}"
-    line += f"  {metrics['train/images_per_s']:.0f} img/s"
-    if f"val/{key}" in metrics:
-        line += f"  val/{key} {metrics[f'val/{key}']:.4f}"
-    return line + f"  eta {eta_s / 60:.1f} min"
-
-
 def _all_ranks(obj):
     """``[obj of rank 0, ..., obj of rank W-1]``; a collective when there are several workers."""
     if world()[1] == 1:
@@ -584,7 +574,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         last_val, images = validate(0)
         ray.train.report({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()} | ({IMAGES_KEY: images} if images else {}))
         if rank == 0 and not quiet:
-            print(f"epoch 0/{cfg.max_epochs}  untrained  val/{metric_key} {last_val.get(metric_key, float('nan')):.4f}", flush=True)
+            print(format_progress_line({"epoch": 0} | {f"val/{k}": v for k, v in last_val.items()}, cfg.max_epochs,
+                                       metric_key, None), flush=True)
 
     accumulate = cfg.accumulate_grad_batches
     started = time.time()
@@ -657,6 +648,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if rank == 0 and not quiet:
             done = epoch + 1 - epoch0
             eta = (time.time() - started) / done * (cfg.max_epochs - epoch - 1)
-            print(_format_epoch_line(epoch + 1, cfg.max_epochs, metrics, metric_key, eta), flush=True)
+            print(format_progress_line(metrics, cfg.max_epochs, metric_key, eta), flush=True)
 
     return {"val": last_val, "epochs": cfg.max_epochs, "best": best, "best_epoch": best_epoch}
