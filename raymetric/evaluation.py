@@ -23,7 +23,7 @@ from raymetric.distributed import all_gather_nograd, all_gather_variable, all_re
 from raymetric.metrics import EmbeddingMoments, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_histogram, relevance, topk_shard
-from raymetric.retrieval.candidates import resolve_score_dtype, scoring_gallery
+from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
 from raymetric.search import SearchSettings
 
 
@@ -110,7 +110,7 @@ class DistributedSearcher:
         self.gallery_emb, self.gallery_ids = emb[is_gallery], row_ids[is_gallery]  # this worker's gallery shard
         self.gallery_labels = self.labels[self.gallery_ids]
         self.gallery_sequences = None if self.sequences is None else self.sequences[self.gallery_ids]
-        dtype = torch.float32 if settings.backend == "faiss" else resolve_score_dtype(settings.score_dtype, device)
+        dtype = scoring_dtype(settings.backend, settings.score_dtype, device)
         self.scoring = scoring_gallery(self.gallery_emb, dtype)
         # The histogram range of fnmr@fmr: the same on every worker, and as in the stand-alone job.
         local_max = emb.double().norm(dim=1).max() if len(emb) else torch.zeros((), dtype=torch.float64)

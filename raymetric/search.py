@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from raymetric.retrieval import TopK, histogram_range, own_rows, pair_distance_histogram, topk_shard
-from raymetric.retrieval.candidates import resolve_score_dtype, scoring_gallery
+from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LocalSearcher:
         self.gallery_emb = embeddings if bool(is_gallery.all()) else embeddings[self.gallery_ids]
         self.gallery_labels = labels[self.gallery_ids]
         self.gallery_sequences = None if sequences is None else sequences[self.gallery_ids]
-        dtype = torch.float32 if settings.backend == "faiss" else resolve_score_dtype(settings.score_dtype, device)
+        dtype = scoring_dtype(settings.backend, settings.score_dtype, device)
         self.scoring = scoring_gallery(self.gallery_emb, dtype)
 
     def search(self, query_emb: torch.Tensor, query_rows: torch.Tensor) -> TopK:

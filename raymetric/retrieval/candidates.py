@@ -51,6 +51,18 @@ def resolve_score_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
+def scoring_dtype(backend: str, score_dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype candidates are scored in: float32 with faiss, else :func:`resolve_score_dtype` (a
+    ``torch.dtype`` is taken as it is).
+
+    >>> scoring_dtype("faiss", "bfloat16", torch.device("cpu")), scoring_dtype("torch", torch.bfloat16, None)
+    (torch.float32, torch.bfloat16)
+    """
+    if backend == "faiss":
+        return torch.float32
+    return score_dtype if isinstance(score_dtype, torch.dtype) else resolve_score_dtype(score_dtype, device)
+
+
 @functools.cache
 def _cpu_has_fast_bf16() -> bool:
     try:

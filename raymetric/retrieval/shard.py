@@ -25,8 +25,8 @@ from raymetric.retrieval.candidates import (
     ScoringGallery,
     faiss_candidates,
     faiss_index,
-    resolve_score_dtype,
     score_error_bound,
+    scoring_dtype,
     scoring_gallery,
     squared_norms,
     torch_candidates,
@@ -240,9 +240,7 @@ def topk_shard(
     if n_query == 0 or n_gallery == 0:
         return TopK(dist, ids, n_gt, stats)
 
-    dtype = score_dtype if isinstance(score_dtype, torch.dtype) else resolve_score_dtype(score_dtype, device)
-    if backend == "faiss":
-        dtype = torch.float32
+    dtype = scoring_dtype(backend, score_dtype, device)
     gallery_exact = gallery_emb if gallery_emb.dtype == torch.float64 else gallery_emb.float()
     query_exact = query_emb if query_emb.dtype == torch.float64 else query_emb.float()
     if scoring is None or scoring.dtype != dtype or scoring.matrix.shape[0] != n_gallery:

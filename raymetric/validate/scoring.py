@@ -13,15 +13,15 @@ from raymetric.embeddings import EmbeddingsTable
 from raymetric.metrics import EmbeddingMoments, per_query_metrics, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, relevance
-from raymetric.retrieval.candidates import UNIT_ROUNDOFF, resolve_score_dtype
+from raymetric.retrieval.candidates import scoring_dtype
 from raymetric.search import LocalSearcher, SearchSettings
 
 
-def search_memory_bytes(table: EmbeddingsTable, settings: SearchSettings) -> int:
-    """Working memory of an in-process search: a score-dtype gallery copy, one score block, candidate lists."""
+def search_memory_bytes(table: EmbeddingsTable, settings: SearchSettings, device: torch.device | None = None) -> int:
+    """Working memory of an in-process search on ``device`` (default: the CPU): a score-dtype gallery copy,
+    one score block, candidate lists."""
     n_gallery, n_query = int(table.is_gallery.sum()), int(table.is_query.sum())
-    dtype = torch.float32 if settings.backend == "faiss" else resolve_score_dtype(settings.score_dtype, torch.device("cpu"))
-    score_bytes = 2 if UNIT_ROUNDOFF[dtype] > 2.0**-12 else 4
+    score_bytes = scoring_dtype(settings.backend, settings.score_dtype, device or torch.device("cpu")).itemsize
     copy = 0 if table.is_gallery.all() else n_gallery * table.dim * 4  # the gallery's own float32 rows
     block = min(settings.max_block_elems, min(n_query, settings.query_chunk) * n_gallery)
     lists = min(n_query, settings.query_chunk) * (settings.k + settings.extra) * 24
@@ -51,7 +51,7 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
     """
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     settings = SearchSettings.from_config(retrieval, max(k or 0, metric_args.max_k), device)
-    needed = search_memory_bytes(table, settings)
+    needed = search_memory_bytes(table, settings, device)
     budget = retrieval.memory_budget_mb * 2**20
     labels = torch.from_numpy(table.labels)
     if needed <= budget:
