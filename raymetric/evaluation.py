@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from raymetric.distributed import all_gather_nograd, all_gather_variable, all_reduce_max, all_reduce_sum, world
-from raymetric.metrics import EmbeddingMoments, validation_report
+from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_histogram, relevance, topk_shard
 from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
@@ -208,8 +208,7 @@ class ValidationDetails:
 
     topk: TopK  # [Q, k] every query's merged top-k, queries in row order
     query_ids: np.ndarray  # [Q] their validation rows
-    is_relevant: torch.Tensor  # [Q, k]
-    n_retrieved: torch.Tensor  # [Q]
+    per_query: dict[str, torch.Tensor]  # name -> [Q] per-query metrics
     searcher: DistributedSearcher
 
 
@@ -256,19 +255,21 @@ def validation_metrics(
     is_relevant, n_retrieved = relevance(merged, rows.labels[all_ids], rows.labels)
     histogram = searcher.pair_histogram(query_emb, query_ids, metric_args.fmr_bins) if metric_args.fmr_vals else None
     moments = _moments(emb, row_ids, rows) if metric_args.pcf_variance else None
+    is_relevant, n_retrieved, n_gt = is_relevant.cpu(), n_retrieved.cpu(), merged.n_gt.cpu()
+    per_query = metric_args_per_query(is_relevant, n_retrieved, n_gt, metric_args)  # once: metrics and picture
     metrics = validation_report(
-        is_relevant.cpu(), n_retrieved.cpu(), merged.n_gt.cpu(), metric_args,
+        is_relevant, n_retrieved, n_gt, metric_args,
         categories=rows.categories[all_ids] if rows.categories is not None else None,
-        pair_histogram=None if histogram is None else histogram.cpu(), moments=moments,
+        pair_histogram=None if histogram is None else histogram.cpu(), moments=moments, per_query=per_query,
     )
     metrics["n_gallery"] = int(all_reduce_sum(torch.tensor(len(searcher.gallery_ids), device=emb.device)).item())
     if return_details:
-        return metrics, ValidationDetails(merged, all_ids, is_relevant.cpu(), n_retrieved.cpu(), searcher)
+        return metrics, ValidationDetails(merged, all_ids, per_query, searcher)
     return metrics
 
 
 def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows, details: ValidationDetails,
-                       metric_args, picture) -> list:
+                       picture) -> list:
     """The retrieval picture's rows of a validation inside training: the worst queries (collective).
 
     Like the stand-alone job's picture (:func:`raymetric.validate.draw_picture`): queries ranked by
@@ -284,13 +285,9 @@ def worst_picture_rows(emb: torch.Tensor, row_ids: torch.Tensor, rows: Validatio
     Returns:
         ``list[raymetric.visualize.PictureRow]``, the same on every worker.
     """
-    from raymetric.metrics import per_query_metrics
     from raymetric.visualize import PictureRow, badness_tiebreak, worst_queries
 
-    topk, searcher = details.topk, details.searcher
-    per_query = per_query_metrics(details.is_relevant, details.n_retrieved, topk.n_gt.cpu(),
-                                  cmc_top_k=metric_args.cmc_top_k, precision_top_k=metric_args.precision_top_k,
-                                  map_top_k=metric_args.map_top_k)
+    topk, searcher, per_query = details.topk, details.searcher, details.per_query
     name = picture.metric or next(iter(per_query))
     values = torch.where(topk.n_gt.cpu() > 0, per_query[name].double(), float("inf"))
     chosen = worst_queries(values, picture.n_queries, badness_tiebreak(per_query))

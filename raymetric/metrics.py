@@ -163,6 +163,12 @@ def per_query_metrics(
     return per_query
 
 
+def metric_args_per_query(is_relevant, n_retrieved, n_gt, metric_args) -> dict[str, torch.Tensor]:
+    """:func:`per_query_metrics` with the cut-offs of ``metric_args`` (``raymetric.config.MetricArgs``)."""
+    return per_query_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=metric_args.cmc_top_k,
+                             precision_top_k=metric_args.precision_top_k, map_top_k=metric_args.map_top_k)
+
+
 def retrieval_metrics(
     is_relevant,
     n_retrieved,
@@ -173,6 +179,7 @@ def retrieval_metrics(
     map_top_k: Sequence[int] = (5,),
     categories: Sequence | None = None,
     queries_without_gt: str = "exclude",
+    per_query: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean retrieval metrics over queries, overall and per category.
 
@@ -191,6 +198,7 @@ def retrieval_metrics(
             works; ``n_queries == n_queries_without_gt`` tells why). ``"oml"``: every query is
             averaged with OML's per-query values, so a query with retrieved items but ``n_gt == 0``
             makes ``precision@k`` NaN, exactly as OML reports it.
+        per_query: :func:`per_query_metrics` of the same arguments, when the caller has them already.
 
     Returns:
         Flat dict: ``cmc@k``, ``precision@k``, ``map@k`` (float means), ``n_queries`` (all queries
@@ -208,8 +216,9 @@ def retrieval_metrics(
     """
     if queries_without_gt not in ("exclude", "oml"):
         raise ValueError(f'queries_without_gt must be "exclude" or "oml", got {queries_without_gt!r}')
-    per_query = per_query_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=cmc_top_k,
-                                  precision_top_k=precision_top_k, map_top_k=map_top_k)
+    if per_query is None:
+        per_query = per_query_metrics(is_relevant, n_retrieved, n_gt, cmc_top_k=cmc_top_k,
+                                      precision_top_k=precision_top_k, map_top_k=map_top_k)
 
     is_relevant = torch.as_tensor(is_relevant)
     n_query = is_relevant.shape[0]
@@ -365,6 +374,7 @@ def validation_report(
     categories: Sequence | None = None,
     pair_histogram=None,
     moments: dict[str, EmbeddingMoments] | None = None,
+    per_query: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Every validation metric as one flat dict: the keys training logs and the stand-alone job writes.
 
@@ -377,6 +387,7 @@ def validation_report(
         pair_histogram: ``[2, n_bins]`` pair-distance counts, needed when ``metric_args.fmr_vals`` is set.
         moments: Embedding moments of all validation items, ``""`` for all of them and one entry per
             category; needed when ``metric_args.pcf_variance`` is set.
+        per_query: :func:`metric_args_per_query` of the same results, when the caller has them already.
 
     Returns:
         ``cmc@k``, ``precision@k``, ``map@k``, ``fnmr@fmr=<fmr>``, ``pcf@<variance>``, ``n_queries``,
@@ -389,6 +400,7 @@ def validation_report(
         map_top_k=metric_args.map_top_k,
         categories=categories,
         queries_without_gt=metric_args.queries_without_gt,
+        per_query=per_query,
     )
     extra: dict[str, dict[str, float]] = {"": {}}  # prefix -> keys to insert before the counts
     if metric_args.fmr_vals:

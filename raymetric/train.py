@@ -85,11 +85,15 @@ class RunResult:
     checkpoint_path: str | None
 
 
-def prepare_run(cfg: TrainConfig, extractors: dict | None = None) -> tuple[TrainConfig, pd.DataFrame]:
+def prepare_run(
+    cfg: TrainConfig, extractors: dict | None = None, datasets: dict | None = None
+) -> tuple[TrainConfig, pd.DataFrame]:
     """Driver-side checks before any worker starts: config, demo data, dataset CSV, sampler feasibility.
 
     Returns the config with absolute paths (workers change directory) and the checked dataset.
-    Raises ConfigError, DatasetError or SamplerError naming the key, column or rows.
+    Raises ConfigError, DatasetError or SamplerError naming the key, column or rows. ``datasets``: checked
+    datasets by CSV, root and ``category_conflict``, shared by calls that check many configs of one
+    dataset (a sweep), which then read and check the CSV and its files once.
     """
     check_config(cfg, extractors)
     cfg = cfg.model_copy(
@@ -104,7 +108,13 @@ def prepare_run(cfg: TrainConfig, extractors: dict | None = None) -> tuple[Train
         spec = SIZES[cfg.demo_data.size]
         spec = type(spec)(**{**spec.__dict__, "seed": cfg.demo_data.seed})
         ensure_demo(cfg.dataset_root, spec)
-    df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=True, category_conflict=cfg.category_conflict)
+    key = (cfg.dataset_csv, cfg.dataset_root, cfg.category_conflict)
+    df = None if datasets is None else datasets.get(key)
+    if df is None:
+        df = load_dataset_csv(cfg.dataset_csv, cfg.dataset_root, check_files=True,
+                              category_conflict=cfg.category_conflict)
+        if datasets is not None:
+            datasets[key] = df
     train_df = df[df["split"] == "train"]
     build_train_sampler(cfg, train_df, cfg.ray.num_workers, rank=0)  # raises SamplerError naming the numbers
     labels, _ = remap_labels(train_df["label"])
@@ -305,7 +315,6 @@ def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False
         verbose: also show Ray's own log lines (workers, Train controller) on this console; by
             default they stay in Ray's log files and the driver prints one line per epoch.
     """
-    from raymetric.progress import watch_run
     from raymetric.ray_env import init_ray
 
     cfg, df = prepare_run(cfg, extractors)
@@ -318,9 +327,20 @@ def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False
     run_dir = resume_run_dir(cfg) or new_run_dir(cfg)
     if not quiet:
         print(f"run directory: {run_dir}" + (f"  (Ray dashboard: {dashboard_url})" if dashboard_url else ""), flush=True)
-    # quiet=True for the workers: the driver prints the progress line itself (watch_run).
-    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, df=df)
-    with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=quiet):
+    return run_trainer(cfg, run_dir, df, extractors=extractors, quiet=quiet)
+
+
+def run_trainer(cfg: TrainConfig, run_dir: str, df: pd.DataFrame, *, extractors: dict | None = None,
+                quiet: bool = False, callbacks: list | None = None) -> RunResult:
+    """Train a prepared config (``prepare_run``) into ``run_dir`` on Ray Train and write ``metrics.json``.
+
+    The driver prints the progress lines (``watch_run``; the workers stay quiet) and runs the loggers;
+    ``callbacks``: more Ray Train ``UserCallback``s (a Tune trial's report forwarding).
+    """
+    from raymetric.progress import watch_run
+
+    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, callbacks=callbacks, df=df)
+    with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=quiet):  # opens and closes the loggers
         result = trainer.fit()
     metrics = (result.return_value or {}).get("val") or {}
     with open(os.path.join(run_dir, METRICS_FILE), "w") as f:
@@ -538,7 +558,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             metrics["n_bad_images"] = int(n_bad.item())
         images = {}
         if details is not None:
-            rows = worst_picture_rows(emb, row_ids, data.val_rows, details, cfg.metric_args, cfg.picture)  # collective
+            rows = worst_picture_rows(emb, row_ids, data.val_rows, details, cfg.picture)  # collective
             if rank == 0:
                 images[PICTURE_TAG] = save_training_picture(rows, data.val_frame, cfg.picture, run_dir, epoch)
         return metrics, images

@@ -88,7 +88,7 @@ def _rank_picture(frame, emb, metric_args, retrieval, picture):
     emb_t = torch.from_numpy(emb[mine.numpy()])
     args, picture = MetricArgs(**metric_args), PictureConfig(**picture)
     _, details = validation_metrics(emb_t, mine, rows, args, retrieval=RetrievalConfig(**retrieval), return_details=True)
-    return worst_picture_rows(emb_t, mine, rows, details, args, picture)
+    return worst_picture_rows(emb_t, mine, rows, details, picture)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -40,7 +40,8 @@ def check_sweep(sweep: SweepConfig, train_raw: dict, extractors: dict | None = N
     Every trial's config passes the same ``prepare_run`` again before it trains; here each searched
     key's corner values (``build_search_space``) are tried in combination with the others.
     """
-    base_cfg, df = prepare_run(config_from_raw(train_raw), extractors)
+    datasets: dict = {}  # read and checked once, whatever the trials vary
+    base_cfg, df = prepare_run(config_from_raw(train_raw), extractors, datasets)
     train_raw = {**train_raw, "dataset_root": base_cfg.dataset_root}  # trials run in other directories
     metric_key = _check_metric(sweep.metric, base_cfg, df)
     if not sweep.search:
@@ -54,7 +55,7 @@ def check_sweep(sweep: SweepConfig, train_raw: dict, extractors: dict | None = N
     for values in checked:
         overrides = trial_overrides(values)
         try:
-            cfg, _ = prepare_run(config_from_raw(train_raw, overrides), extractors)
+            cfg, _ = prepare_run(config_from_raw(train_raw, overrides), extractors, datasets)
         except (ConfigError, DatasetError, SamplerError) as err:
             raise ConfigError(
                 f"config key tune.search: a trial with {' '.join(overrides)} would fail:\n{err}"

@@ -30,8 +30,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raymetric.config import ConfigError
-from raymetric.progress import watch_run
-from raymetric.train import HISTORY_FILE, METRICS_FILE, make_trainer, new_run_dir, prepare_run
+from raymetric.train import HISTORY_FILE, new_run_dir, prepare_run, run_trainer
 from raymetric.tune.plan import SweepPlan, check_sweep, plan_concurrency
 from raymetric.tune.plot import plot_curves
 from raymetric.tune.results import (
@@ -89,13 +88,7 @@ def run_trial(
         f"ray.name={override_value(trial_id)}",
     ]
     cfg, df = prepare_run(config_from_raw(train_raw, overrides), extractors)
-    run_dir = new_run_dir(cfg)
-    trainer = make_trainer(cfg, run_dir, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)],
-                           df=df)
-    with watch_run(cfg, run_dir, os.path.join(run_dir, HISTORY_FILE), quiet=True):  # opens and closes the loggers
-        result = trainer.fit()
-    with open(os.path.join(run_dir, METRICS_FILE), "w") as f:
-        json.dump((result.return_value or {}).get("val") or {}, f, indent=2)
+    run_trainer(cfg, new_run_dir(cfg), df, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)])
 
 
 def _trial_dirname(trial) -> str:

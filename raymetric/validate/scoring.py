@@ -10,7 +10,7 @@ import torch
 
 from raymetric.config import MetricArgs
 from raymetric.embeddings import EmbeddingsTable
-from raymetric.metrics import EmbeddingMoments, per_query_metrics, validation_report
+from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, relevance
 from raymetric.retrieval.candidates import scoring_dtype
@@ -85,9 +85,8 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
             for category in np.unique(table.categories):
                 moments[str(category)] = EmbeddingMoments.of(table.embeddings[table.categories == category])
     query_categories = None if table.categories is None else table.categories[query_rows.numpy()]
+    per_query = metric_args_per_query(is_relevant, n_retrieved, topk.n_gt, metric_args)  # once: metrics and picture
     metrics = validation_report(is_relevant, n_retrieved, topk.n_gt, metric_args, categories=query_categories,
-                                pair_histogram=histogram, moments=moments)
+                                pair_histogram=histogram, moments=moments, per_query=per_query)
     metrics["n_gallery"] = int(table.is_gallery.sum())
-    per_query = per_query_metrics(is_relevant, n_retrieved, topk.n_gt, cmc_top_k=metric_args.cmc_top_k,
-                                  precision_top_k=metric_args.precision_top_k, map_top_k=metric_args.map_top_k)
     return ValidationOutput(metrics, query_rows.numpy(), topk, per_query, searched_with, is_relevant)
