@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from raymetric.distributed import unwrap
+
 GROUPS = ("backbone", "head", "loss")
 
 
@@ -105,7 +107,7 @@ def param_groups(
 
 def extractor_param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """``{"backbone": [...], "head": [...]}`` of an extractor (all ``backbone`` when it does not say)."""
-    model = getattr(model, "module", model)  # under DDP
+    model = unwrap(model)  # under DDP
     groups = model.param_groups() if hasattr(model, "param_groups") else {"backbone": list(model.parameters())}
     unknown = sorted(set(groups) - {"backbone", "head"})
     if unknown:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from raymetric.distributed import all_gather_nograd, all_gather_with_grad, world
+from raymetric.distributed import all_gather_nograd, all_gather_with_grad, unwrap, world
 from raymetric.losses import needs_reference, reduce_loss
 
 
@@ -34,10 +34,6 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     if world()[1] == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @contextlib.contextmanager

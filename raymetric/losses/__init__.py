@@ -16,6 +16,8 @@ import inspect
 
 from torch import nn
 
+from raymetric.distributed import unwrap
+
 from raymetric.losses.arcface import ArcFaceLoss, ArcFaceLossWithMLP
 from raymetric.losses.base import LossTerms, exact_distances, reduce_loss
 from raymetric.losses.pairs import ContrastiveLoss, MultiSimilarityLoss, SurrogatePrecisionLoss
@@ -89,5 +91,5 @@ def build_criterion(name: str, args: dict | None = None, miner: dict | None = No
 
 def needs_reference(criterion: nn.Module) -> bool:
     """Whether the criterion compares local anchors with the gathered global batch (else: per-sample terms)."""
-    criterion = getattr(criterion, "module", criterion)  # under DDP
+    criterion = unwrap(criterion)  # under DDP
     return getattr(criterion, "needs_reference", True)

@@ -35,12 +35,8 @@ class TopK:
     @staticmethod
     def cat(parts: Sequence["TopK"]) -> "TopK":
         """Results of disjoint query sets, one after the other (all of the same width)."""
-        stats: dict[str, int] = {}
-        for part in parts:
-            for key, value in part.stats.items():
-                stats[key] = stats.get(key, 0) + value
         return TopK(torch.cat([p.dist for p in parts]), torch.cat([p.gallery_ids for p in parts]),
-                    torch.cat([p.n_gt for p in parts]), stats)
+                    torch.cat([p.n_gt for p in parts]), _sum_stats(parts))
 
     def to(self, device) -> "TopK":
         return TopK(self.dist.to(device), self.gallery_ids.to(device), self.n_gt.to(device), dict(self.stats))
@@ -100,11 +96,16 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
     ids = torch.cat([p.gallery_ids for p in parts], dim=1)  # [Q, sum k_i]
     n_gt = torch.stack([p.n_gt for p in parts]).sum(0)  # [Q]
     dist, ids = sort_by_dist_then_id(dist, ids, k)
+    return TopK(dist=dist, gallery_ids=ids, n_gt=n_gt, stats=_sum_stats(parts))
+
+
+def _sum_stats(parts: Sequence[TopK]) -> dict[str, int]:
+    """The parts' search statistics (queries, queries widened), added up key by key."""
     stats: dict[str, int] = {}
     for part in parts:
         for key, value in part.stats.items():
             stats[key] = stats.get(key, 0) + value
-    return TopK(dist=dist, gallery_ids=ids, n_gt=n_gt, stats=stats)
+    return stats
 
 
 def relevance(topk: TopK, query_labels, label_of_id) -> tuple[torch.Tensor, torch.Tensor]:
