@@ -249,11 +249,7 @@ def load_exported(path: str, *, fmt: str = "state_dict", extractors: dict | None
     """
     from raymetric.data.transforms import build_transforms
 
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise ExportError(f"{path}: no {META_FILE}; not an export folder (python jobs/export.py writes one)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_export_meta(path)
     transform = build_transforms(meta["transforms"]["name"], meta["transforms"]["args"])
     if fmt == "state_dict":
         from safetensors.torch import load_file
@@ -269,6 +265,15 @@ def load_exported(path: str, *, fmt: str = "state_dict", extractors: dict | None
     else:
         raise ExportError(f"fmt={fmt!r}: choose from {list(FORMATS)}")
     return model.eval(), transform
+
+
+def read_export_meta(path: str) -> dict:
+    """The ``extractor.json`` of an export folder; ExportError when ``path`` is not one."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ExportError(f"{path}: no {META_FILE}; not an export folder (python jobs/export.py writes one)")
+    with open(meta_path) as f:
+        return json.load(f)
 
 
 def extractor_weights_file(path: str) -> str:

@@ -52,6 +52,7 @@ class ExtractorSource:
     transforms: dict  # {"name", "args"}: the checkpoint's transforms_val, or the export's transform
     path: str  # the state.pt or export folder it came from
     checkpoint: dict | None = None  # the training checkpoint as read (None: an export folder)
+    meta: dict | None = None  # the export folder's extractor.json (None: a training checkpoint)
 
 
 def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
@@ -59,7 +60,14 @@ def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
 
     Raises ConfigError naming the key ``checkpoint`` when there is none or it does not load.
     """
-    from raymetric.export import META_FILE, WEIGHTS_FILE, ExportError, read_checkpoint, trained_extractor_spec
+    from raymetric.export import (
+        META_FILE,
+        WEIGHTS_FILE,
+        ExportError,
+        read_checkpoint,
+        read_export_meta,
+        trained_extractor_spec,
+    )
 
     if not os.path.exists(path):
         raise ConfigError(f"config key checkpoint: no such file or folder: {path!r}")
@@ -67,10 +75,9 @@ def read_extractor_source(path: str, which: str = "best") -> ExtractorSource:
         if os.path.isfile(os.path.join(path, META_FILE)):
             from safetensors.torch import load_file
 
-            with open(os.path.join(path, META_FILE)) as f:
-                meta = json.load(f)
+            meta = read_export_meta(path)
             return ExtractorSource(meta["extractor"], load_file(os.path.join(path, WEIGHTS_FILE)),
-                                   meta["transforms"], os.path.abspath(path))
+                                   meta["transforms"], os.path.abspath(path), meta=meta)
         state = read_checkpoint(path, which)
     except (ExportError, OSError, KeyError, RuntimeError, ValueError) as err:
         raise ConfigError(f"config key checkpoint: {path!r} holds no readable extractor: "
@@ -268,11 +275,9 @@ def _write_extractor(source: ExtractorSource, out_dir: str) -> None:
         return
     os.makedirs(out_dir, exist_ok=True)
     shutil.copy(os.path.join(source.path, WEIGHTS_FILE), os.path.join(out_dir, WEIGHTS_FILE))
-    with open(os.path.join(source.path, META_FILE)) as f:
-        meta = json.load(f)
     size = input_size(build_transforms(source.transforms["name"], source.transforms["args"]))  # of the transform used
     with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta | {"transforms": source.transforms, "input_size": size}, f, indent=2)
+        json.dump(source.meta | {"transforms": source.transforms, "input_size": size}, f, indent=2)
 
 
 def run_predict(cfg: PredictConfig, *, quiet: bool = False) -> PredictResult:
