@@ -153,32 +153,11 @@ def oml_config(s: Settings) -> dict:
 # ---------------------------------------------------------------- runs
 
 
-def run_raymetric(s: Settings, workers: int, tmp: str, tag: str, extra: tuple[str, ...] = ()) -> dict:
-    """``jobs/train.py`` in a subprocess; per-epoch seconds and images/s from the run's history."""
-    storage, name = os.path.join(tmp, "runs"), f"rm{workers}_{tag}"
+def _run_train(overrides: list[str], tmp: str, storage: str, name: str) -> dict:
+    """``jobs/train.py --config configs/demo.yaml`` with ``overrides`` in a subprocess; per-epoch seconds and
+    images/s from the run's history."""
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--config", os.path.join(ROOT, "configs", "demo.yaml"),
-           "--quiet", *raymetric_overrides(s, workers, storage, name), *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300], "wall_s": wall}
-    epochs = []
-    with open(os.path.join(storage, name, "history.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "train/epoch_time_s" in record:
-                epochs.append({"seconds": record["train/epoch_time_s"], "images_per_s": record["train/images_per_s"]})
-    return {"epochs": epochs, "wall_s": wall}
-
-
-def run_demo(epochs: int, channels_last: bool, tmp: str, tag: str) -> dict:
-    """``configs/demo.yaml`` as it is (2 workers, resnet10t at 64 px, no DataLoader processes), ``epochs`` epochs."""
-    storage, name = os.path.join(tmp, "runs"), f"demo_{channels_last}_{tag}"
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--config", os.path.join(ROOT, "configs", "demo.yaml"),
-           "--quiet", f"max_epochs={epochs}", f"valid_period={epochs}", "validate_untrained=false", "logger=null",
-           f"scheduling.scheduler.args.T_max={epochs}", f"channels_last={str(channels_last).lower()}",
-           f"dataset_root={os.path.join(ROOT, 'data', 'demo')}", f"ray.storage_path={storage}", f"ray.name={name}"]
+           "--quiet", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     wall = time.perf_counter() - start
@@ -188,6 +167,21 @@ def run_demo(epochs: int, channels_last: bool, tmp: str, tag: str) -> dict:
         records = [json.loads(line) for line in f]
     return {"epochs": [{"seconds": r["train/epoch_time_s"], "images_per_s": r["train/images_per_s"]}
                        for r in records if "train/epoch_time_s" in r], "wall_s": wall}
+
+
+def run_raymetric(s: Settings, workers: int, tmp: str, tag: str, extra: tuple[str, ...] = ()) -> dict:
+    """raymetric on the benchmark's settings with ``workers`` Ray Train workers."""
+    storage, name = os.path.join(tmp, "runs"), f"rm{workers}_{tag}"
+    return _run_train([*raymetric_overrides(s, workers, storage, name), *extra], tmp, storage, name)
+
+
+def run_demo(epochs: int, channels_last: bool, tmp: str, tag: str) -> dict:
+    """``configs/demo.yaml`` as it is (2 workers, resnet10t at 64 px, no DataLoader processes), ``epochs`` epochs."""
+    storage, name = os.path.join(tmp, "runs"), f"demo_{channels_last}_{tag}"
+    return _run_train([f"max_epochs={epochs}", f"valid_period={epochs}", "validate_untrained=false", "logger=null",
+                       f"scheduling.scheduler.args.T_max={epochs}", f"channels_last={str(channels_last).lower()}",
+                       f"dataset_root={os.path.join(ROOT, 'data', 'demo')}", f"ray.storage_path={storage}",
+                       f"ray.name={name}"], tmp, storage, name)
 
 
 def run_oml(s: Settings, python: str, tmp: str, tag: str) -> dict:
