@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,12 @@ class SchedulingConfig(_Strict):
     warmup_start_factor: float = Field(default=0.01, gt=0, le=1)
 
 
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise ValueError("must be a power of two")
+    return value
+
+
 class MetricArgs(_Strict):
     """Which retrieval metrics validation computes."""
 
@@ -69,9 +75,10 @@ class MetricArgs(_Strict):
     # scored exactly as OML does, NaN precision included ("oml"). See raymetric/metrics.py.
     queries_without_gt: Literal["exclude", "oml"] = "exclude"
     # fnmr@fmr=<fmr> for each false match rate (OML's key; off by default as in OML: it scores every
-    # query-gallery pair), read off pair-distance histograms of fmr_bins bins.
+    # query-gallery pair), exact: counting passes over all pairs narrow a window around the threshold,
+    # fmr_bins buckets per pass, a power of two (65536: two passes, sometimes three; fewer, more passes).
     fmr_vals: list[Annotated[float, Field(ge=0, le=1)]] = []
-    fmr_bins: PositiveInt = 65536
+    fmr_bins: Annotated[int, Field(ge=2), AfterValidator(_power_of_two)] = 65536
     # pcf@<share>: fraction of principal components explaining that share of the variance (OML's key).
     pcf_variance: list[Annotated[float, Field(ge=0, le=1)]] = [0.5]
 

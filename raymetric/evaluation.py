@@ -4,7 +4,7 @@ Each worker embeds its own contiguous share of the validation rows and keeps it:
 are its gallery shard. Query embeddings travel in fixed-size chunks (all-gathered in rank order),
 every worker computes the exact top-k of each chunk over its own shard, and the small per-shard
 top-k results are all-gathered and merged. Nothing of size queries x gallery exists anywhere, and no
-worker ever holds the whole gallery. ``n_gt``, the pair-distance histograms of ``fnmr@fmr`` and the
+worker ever holds the whole gallery. ``n_gt``, the pair-distance counts of ``fnmr@fmr`` and the
 embedding moments of ``pcf`` are sums over shards. Every worker ends with the same metrics, computed
 by the same code as the stand-alone job's (:func:`raymetric.metrics.validation_report`).
 
@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from raymetric.distributed import all_gather_nograd, all_gather_variable, all_reduce_max, all_reduce_sum, world
-from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
+from raymetric.metrics import EmbeddingMoments, fnmr_at_fmr, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
-from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_histogram, relevance, topk_shard
+from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_counts, relevance, topk_shard
 from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
 from raymetric.search import SearchSettings
 
@@ -112,9 +112,6 @@ class DistributedSearcher:
         self.gallery_sequences = None if self.sequences is None else self.sequences[self.gallery_ids]
         dtype = scoring_dtype(settings.backend, settings.score_dtype, device)
         self.scoring = scoring_gallery(self.gallery_emb, dtype)
-        # The histogram range of fnmr@fmr: the same on every worker, and as in the stand-alone job.
-        local_max = emb.double().norm(dim=1).max() if len(emb) else torch.zeros((), dtype=torch.float64)
-        self.max_norm = float(all_reduce_max(local_max.to(device)))
 
     def _rounds(self, n_local: int) -> int:
         n = int(all_reduce_max(torch.tensor(n_local, device=self.device)).item())
@@ -170,21 +167,22 @@ class DistributedSearcher:
         start = sum(counts[:rank])
         return found[start:start + len(ids)]
 
-    def pair_histogram(self, query_emb: torch.Tensor, query_ids: torch.Tensor, n_bins: int) -> torch.Tensor:
-        """``[2, n_bins]`` counts of every (query, gallery item) distance, summed over the workers."""
-        total = torch.zeros(2, n_bins, dtype=torch.int64, device=self.device)
-        gallery_ids = self.gallery_ids
+    def pair_counts(self, query_emb: torch.Tensor, query_ids: torch.Tensor, windows: list[tuple[int, int]],
+                    n_buckets: int) -> torch.Tensor:
+        """Distance counts of every (query, gallery item) pair in key windows, summed over the workers
+        (collective; :func:`raymetric.retrieval.pair_distance_counts`)."""
+        total = torch.zeros(len(windows), 2, n_buckets + 2, dtype=torch.int64, device=self.device)
         for round_emb, round_ids, _ in self._gathered_chunks(query_emb, query_ids.to(self.device)):
             real = round_ids >= 0
             ids = round_ids[real]
-            total += pair_distance_histogram(
+            total += pair_distance_counts(
                 round_emb[real], self.gallery_emb, query_labels=self.labels[ids],
-                gallery_labels=self.gallery_labels, max_dist=2 * self.max_norm or 1.0, n_bins=n_bins,
-                self_row=own_rows(ids, gallery_ids),
+                gallery_labels=self.gallery_labels, windows=windows, n_buckets=n_buckets,
+                self_row=own_rows(ids, self.gallery_ids),
                 query_sequences=None if self.sequences is None else self.sequences[ids],
                 gallery_sequences=self.gallery_sequences,
-                max_block_elems=self.settings.max_block_elems // 4)
-        return all_reduce_sum(total)
+                max_block_elems=self.settings.max_block_elems // 4).to(self.device)
+        return all_reduce_sum(total).cpu()
 
 
 def _moments(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows) -> dict[str, EmbeddingMoments]:
@@ -253,14 +251,15 @@ def validation_metrics(
                   all_gather_variable(topk.n_gt)[order])
     all_ids = all_ids[order].cpu().numpy()
     is_relevant, n_retrieved = relevance(merged, rows.labels[all_ids], rows.labels)
-    histogram = searcher.pair_histogram(query_emb, query_ids, metric_args.fmr_bins) if metric_args.fmr_vals else None
+    fnmr = fnmr_at_fmr(lambda windows: searcher.pair_counts(query_emb, query_ids, windows, metric_args.fmr_bins),
+                       metric_args.fmr_vals, metric_args.fmr_bins) if metric_args.fmr_vals else None
     moments = _moments(emb, row_ids, rows) if metric_args.pcf_variance else None
     is_relevant, n_retrieved, n_gt = is_relevant.cpu(), n_retrieved.cpu(), merged.n_gt.cpu()
     per_query = metric_args_per_query(is_relevant, n_retrieved, n_gt, metric_args)  # once: metrics and picture
     metrics = validation_report(
         is_relevant, n_retrieved, n_gt, metric_args,
         categories=rows.categories[all_ids] if rows.categories is not None else None,
-        pair_histogram=None if histogram is None else histogram.cpu(), moments=moments, per_query=per_query,
+        fnmr=fnmr, moments=moments, per_query=per_query,
     )
     metrics["n_gallery"] = int(all_reduce_sum(torch.tensor(len(searcher.gallery_ids), device=emb.device)).item())
     if return_details:

@@ -11,8 +11,8 @@ OML's corner cases are kept in the per-query functions: nothing retrieved and ``
 nothing retrieved and ``n_gt > 0`` gives 0.0, items retrieved but ``n_gt == 0`` gives cmc 0, map 0 and
 precision NaN. :func:`retrieval_metrics` decides what to do with queries without relevant items.
 
-Beyond the top-k: ``fnmr@fmr`` (OML's definition, read off pair-distance histograms instead of a full
-ranking, :func:`fnmr_at_fmr`) and ``pcf`` (principal components fraction, from embedding moments that add
+Beyond the top-k: ``fnmr@fmr`` (OML's definition, exact, from counting passes over all pairs instead of
+a full ranking, :func:`fnmr_at_fmr`) and ``pcf`` (principal components fraction, from embedding moments that add
 up across shards, :class:`EmbeddingMoments`). :func:`validation_report` assembles every metric into the
 flat dict that validation inside training and the stand-alone job both report.
 
@@ -22,7 +22,7 @@ All inputs are array-likes (torch tensors or NumPy arrays); per-query results ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -260,50 +260,123 @@ def pcf_key(variance: float) -> str:
     return f"pcf@{variance:g}"
 
 
-def fnmr_at_fmr(histogram, fmr_vals: Sequence[float]) -> dict[str, float]:
-    """False non-match rate at given false match rates, from pair-distance histograms.
+def fnmr_at_fmr(
+    pair_counts: Callable[[list[tuple[int, int]]], torch.Tensor],
+    fmr_vals: Sequence[float],
+    n_buckets: int = 65536,
+) -> dict[str, float]:
+    """False non-match rate at given false match rates, exactly, from counting passes over all pairs.
 
     OML's definition: the threshold is the ``fmr`` quantile (NumPy's linear interpolation) of the
     distances of all non-relevant (query, gallery item) pairs, and FNMR is the share of relevant pairs
-    at or above it. Here both come from ``[2, n_bins]`` counts in equal bins
-    (:func:`raymetric.retrieval.pair_distance_histogram`), with the pairs assumed evenly spread inside
-    a bin: the threshold is off by at most one bin width, and FNMR by at most the share of relevant
-    pairs whose distance lies within a bin width of the threshold. With no relevant or no
-    non-relevant pair the value is 0.0.
+    at or above it. No list of distances is kept: each pass counts every pair's distance in the buckets
+    of a few key windows (:func:`raymetric.retrieval.pair_distance_counts`), and each order statistic
+    the quantile needs is followed into its bucket until the bucket is one float32 value. With
+    ``n_buckets = 65536`` that takes two passes, sometimes three (one more counts the relevant pairs
+    above a threshold that falls between two far-apart values). With no relevant or no non-relevant
+    pair the value is 0.0.
 
     Args:
-        histogram: ``[2, n_bins]`` counts; row 0 non-relevant pairs, row 1 relevant pairs.
+        pair_counts: ``windows -> [n_windows, 2, n_buckets + 2]`` counts over every pair (row 0
+            non-relevant, row 1 relevant; slot 0 below the window, the last slot above it), the same
+            distances on every call.
         fmr_vals: False match rates in ``[0, 1]``.
+        n_buckets: Buckets per window: more means fewer passes.
 
     Returns:
         ``{"fnmr@fmr=<fmr>": value}``.
 
     Example:
         >>> # OML's docstring example: positives [0,0,1,1,2,2,5,5,9,9], negatives [3,3,4,4,6,6,7,7,8,8]
-        >>> hist = torch.zeros(2, 100, dtype=torch.long)
-        >>> for d in [3, 3, 4, 4, 6, 6, 7, 7, 8, 8]: hist[0, d * 10] += 1
-        >>> for d in [0, 0, 1, 1, 2, 2, 5, 5, 9, 9]: hist[1, d * 10] += 1
-        >>> {k: round(v, 2) for k, v in fnmr_at_fmr(hist, [0.1, 0.5]).items()}  # OML: 0.4, 0.2
+        >>> from raymetric.retrieval import pair_distance_counts
+        >>> points = torch.tensor([[0.0], [0.0], [0.0], [1.0], [1.0], [2.0], [2.0], [5.0], [5.0], [9.0], [9.0],
+        ...                        [-3.0], [-3.0], [-4.0], [-4.0], [-6.0], [-6.0], [-7.0], [-7.0], [-8.0], [-8.0]])
+        >>> labels = torch.tensor([1] * 11 + [2] * 10)
+        >>> counts = lambda windows: pair_distance_counts(  # the first point against the others
+        ...     points[:1], points[1:], query_labels=labels[:1], gallery_labels=labels[1:], windows=windows,
+        ...     n_buckets=64)
+        >>> fnmr_at_fmr(counts, [0.1, 0.5], n_buckets=64)  # OML: 0.4, 0.2
         {'fnmr@fmr=0.1': 0.4, 'fnmr@fmr=0.5': 0.2}
     """
-    histogram = torch.as_tensor(histogram).to(torch.float64).cpu()
-    neg, pos = histogram[0], histogram[1]  # [n_bins]
-    n_neg, n_pos = float(neg.sum()), float(pos.sum())
-    cum = neg.cumsum(0)  # [n_bins]
-    out = {}
+    from raymetric.retrieval.pair_counts import KEY_INF, check_buckets, distance_key, first_window, key_value
+
     for fmr in fmr_vals:
         if not 0.0 <= fmr <= 1.0:
             raise ValueError(f"fmr values must be in [0, 1], got {fmr}")
-        if n_neg == 0 or n_pos == 0:
-            out[fmr_key(fmr)] = 0.0
-            continue
-        rank = (n_neg - 1) * fmr  # fractional 0-based order statistic, as np.quantile(method="linear")
-        b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=torch.float64), right=True).clamp_max(len(cum) - 1))
-        before = float(cum[b] - neg[b])
-        inside = min(max((rank - before + 0.5) / float(neg[b]), 0.0), 1.0)  # where in bin b the threshold falls
-        above = float(pos[b + 1:].sum()) + float(pos[b]) * (1.0 - inside)
-        out[fmr_key(fmr)] = above / n_pos  # the threshold itself sits at (b + inside) bin widths
-    return out
+    check_buckets(n_buckets)
+    if not fmr_vals:
+        return {}
+    bits = n_buckets.bit_length() - 1  # n_buckets = 2**bits
+    records: list[tuple[tuple[int, int], torch.Tensor]] = []  # every window counted, with its [2, n + 2] counts
+
+    def count(windows) -> dict[tuple[int, int], torch.Tensor]:
+        windows = sorted(set(windows))
+        result = torch.as_tensor(pair_counts(windows)).to("cpu", torch.int64)
+        records.extend(zip(windows, result))
+        return dict(zip(windows, result))
+
+    def covering(lo: int, hi: int) -> tuple[int, int]:
+        """The narrowest window from ``lo`` that reaches ``hi`` (exclusive)."""
+        shift = 0
+        while lo + (n_buckets << shift) < hi:
+            shift += 1
+        return lo, shift
+
+    start = first_window(n_buckets)
+    first = count([start])[start]
+    n_neg, n_pos = int(first[0].sum()), int(first[1].sum())
+    if n_neg == 0 or n_pos == 0:
+        return {fmr_key(fmr): 0.0 for fmr in fmr_vals}
+    # np.quantile(method="linear"): the order statistics floor(v) and floor(v) + 1 (0-based), v = (n - 1) fmr.
+    plans = {}
+    for fmr in fmr_vals:
+        virtual = (n_neg - 1) * float(fmr)
+        low = int(np.floor(virtual))
+        gamma = virtual - low
+        plans[fmr] = (low, min(low + 1, n_neg - 1) if gamma > 0 else low, gamma)
+    windows = {rank: start for plan in plans.values() for rank in plan[:2]}
+    value_keys: dict[int, int] = {}
+    counts = {start: first}
+    for _ in range(64):  # each pass narrows every window n_buckets times
+        for rank, (lo, shift) in list(windows.items()):
+            cumulative = counts[(lo, shift)][0].cumsum(0)  # [n + 2] non-relevant pairs up to each slot
+            slot = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
+            hi = lo + (n_buckets << shift)
+            if slot == 0:  # below or above the window: only if the distances changed between passes
+                windows[rank] = covering(0, lo)
+            elif slot == n_buckets + 1:
+                windows[rank] = covering(hi, KEY_INF + 1)
+            elif shift == 0:  # a bucket of one key: one float32 value
+                value_keys[rank] = lo + slot - 1
+                del windows[rank]
+            else:
+                windows[rank] = (lo + ((slot - 1) << shift), max(shift - bits, 0))
+        if not windows:
+            break
+        counts = count(list(windows.values()))
+    else:
+        raise RuntimeError("fnmr@fmr: the pair distances changed between counting passes")
+
+    def relevant_from(key: int) -> int | None:
+        """Relevant pairs with a key >= ``key``, if a window counted so far has a bucket edge there."""
+        for (lo, shift), c in records:
+            offset = key - lo
+            if offset >= 0 and offset % (1 << shift) == 0 and offset >> shift <= n_buckets:
+                return int(c[1, 1 + (offset >> shift):].sum())
+        return None
+
+    threshold_keys = {}
+    for fmr, (low, high, gamma) in plans.items():
+        pair = np.array([key_value(value_keys[low]), key_value(value_keys[high])], dtype=np.float32)
+        threshold = float(np.quantile(pair, gamma))  # NumPy's own interpolation, as OML's threshold
+        smallest = np.float32(threshold)  # the smallest float32 distance >= the threshold
+        if float(smallest) < threshold:
+            smallest = np.nextafter(smallest, np.float32(np.inf))
+        threshold_keys[fmr] = distance_key(float(smallest))
+    missing = [(key, 0) for key in threshold_keys.values() if relevant_from(key) is None]
+    if missing:
+        count(missing)
+    return {fmr_key(fmr): relevant_from(key) / n_pos for fmr, key in threshold_keys.items()}
 
 
 @dataclass
@@ -372,7 +445,7 @@ def validation_report(
     metric_args,
     *,
     categories: Sequence | None = None,
-    pair_histogram=None,
+    fnmr: dict[str, float] | None = None,
     moments: dict[str, EmbeddingMoments] | None = None,
     per_query: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -384,7 +457,7 @@ def validation_report(
         n_gt: ``[Q]``.
         metric_args: ``raymetric.config.MetricArgs``.
         categories: ``[Q]`` category of each query, or None.
-        pair_histogram: ``[2, n_bins]`` pair-distance counts, needed when ``metric_args.fmr_vals`` is set.
+        fnmr: :func:`fnmr_at_fmr` of the same validation set, needed when ``metric_args.fmr_vals`` is set.
         moments: Embedding moments of all validation items, ``""`` for all of them and one entry per
             category; needed when ``metric_args.pcf_variance`` is set.
         per_query: :func:`metric_args_per_query` of the same results, when the caller has them already.
@@ -404,9 +477,9 @@ def validation_report(
     )
     extra: dict[str, dict[str, float]] = {"": {}}  # prefix -> keys to insert before the counts
     if metric_args.fmr_vals:
-        if pair_histogram is None:
-            raise ValueError("metric_args.fmr_vals is set but no pair histogram was computed")
-        extra[""].update(fnmr_at_fmr(pair_histogram, metric_args.fmr_vals))
+        if fnmr is None:
+            raise ValueError("metric_args.fmr_vals is set but fnmr@fmr was not computed")
+        extra[""].update(fnmr)
     if metric_args.pcf_variance:
         if moments is None:
             raise ValueError("metric_args.pcf_variance is set but no embedding moments were computed")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymetric.retrieval import TopK, histogram_range, own_rows, pair_distance_histogram, topk_shard
+from raymetric.retrieval import TopK, own_rows, pair_distance_counts, topk_shard
 from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
 
 
@@ -83,19 +83,19 @@ class LocalSearcher:
         emb = self.embeddings[ids.clamp_min(0)]
         return emb * (ids >= 0)[..., None]
 
-    def pair_histogram(self, query_emb: torch.Tensor, query_rows: torch.Tensor, n_bins: int) -> torch.Tensor:
-        """``[2, n_bins]`` counts of all (query, gallery item) distances, relevant or not (for fnmr@fmr)."""
-        max_dist = histogram_range(self.embeddings)
-        total = torch.zeros(2, n_bins, dtype=torch.int64)
+    def pair_counts(self, query_emb: torch.Tensor, query_rows: torch.Tensor, windows: list[tuple[int, int]],
+                    n_buckets: int) -> torch.Tensor:
+        """Distance counts of all (query, gallery item) pairs in key windows (for fnmr@fmr;
+        :func:`raymetric.retrieval.pair_distance_counts`)."""
+        total = torch.zeros(len(windows), 2, n_buckets + 2, dtype=torch.int64)
         for start in range(0, len(query_rows), self.settings.query_chunk):
             rows = query_rows[start:start + self.settings.query_chunk]
-            total += pair_distance_histogram(
+            total += pair_distance_counts(
                 query_emb[start:start + self.settings.query_chunk], self.gallery_emb,
-                query_labels=self.labels[rows], gallery_labels=self.gallery_labels, max_dist=max_dist,
-                n_bins=n_bins, self_row=own_rows(rows, self.gallery_ids),
+                query_labels=self.labels[rows], gallery_labels=self.gallery_labels, windows=windows,
+                n_buckets=n_buckets, self_row=own_rows(rows, self.gallery_ids),
                 query_sequences=None if self.sequences is None else self.sequences[rows],
-                gallery_sequences=self.gallery_sequences, max_block_elems=self.settings.max_block_elems // 4,
-            ).cpu()
+                gallery_sequences=self.gallery_sequences, max_block_elems=self.settings.max_block_elems // 4)
         return total
 
 

@@ -2,7 +2,7 @@
 
 Each rank holds its contiguous share of the validation rows (as in training); the oracle is the
 stand-alone job's in-process search (``raymetric.validate.score_table``) of all rows at once. Metrics
-must be equal, fnmr@fmr and pcf included (histograms and moments add up exactly), with query
+must be equal, fnmr@fmr and pcf included (pair-distance counts and moments add up exactly), with query
 expansion (a collective gather of neighbour embeddings) and sequences in play.
 """
 

@@ -182,57 +182,122 @@ def all_pair_distances(query, gallery, query_labels, gallery_labels, query_ids, 
     return np.array(dist), np.array(relevant)
 
 
-@pytest.mark.parametrize("fmr", [0.0, 0.01, 0.1, 0.5, 1.0])
-def test_fnmr_at_fmr_against_oml_definition(fmr):
-    from raymetric.retrieval import histogram_range, own_rows, pair_distance_histogram
+def oml_fnmr(dist32: np.ndarray, relevant: np.ndarray, fmr: float) -> float:
+    """OML 4.0's calc_fnmr_at_fmr: float32 distances, NumPy's linear quantile of the negatives, positives >= it."""
+    threshold = np.quantile(dist32[~relevant], fmr)
+    return float((dist32[relevant] >= threshold).sum() / relevant.sum())
+
+
+def exact_counts(query, gallery, query_labels, gallery_labels, **masks):
+    """``windows -> counts`` over all pairs, for :func:`fnmr_at_fmr`, with a small block size."""
+    from raymetric.retrieval import pair_distance_counts
+
+    def counts(windows, n_buckets):
+        return pair_distance_counts(torch.from_numpy(query), torch.from_numpy(gallery),
+                                    query_labels=torch.from_numpy(query_labels),
+                                    gallery_labels=torch.from_numpy(gallery_labels), windows=windows,
+                                    n_buckets=n_buckets, max_block_elems=97, **masks)
+    return counts
+
+
+FMRS = [0.0, 0.01, 0.1, 0.37, 0.5, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("n_buckets", [2, 8, 64, 65536])
+def test_fnmr_at_fmr_equals_oml_on_continuous_distances(n_buckets):
+    from raymetric.retrieval import own_rows
 
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(120, 6)).astype(np.float32)
     labels = rng.integers(0, 10, 120)
     ids = np.arange(120)
-    n_bins = 4096
     dist, relevant = all_pair_distances(emb[:50], emb, labels[:50], labels, ids[:50], ids)
-    # OML: calc_fnmr_at_fmr(pos_dist, neg_dist) = share of positives >= the fmr quantile of negatives.
-    threshold = np.quantile(dist[~relevant], fmr)
-    expected = (dist[relevant] >= threshold).mean()
-
-    max_dist = histogram_range(torch.from_numpy(emb))
-    hist = pair_distance_histogram(torch.from_numpy(emb[:50]), torch.from_numpy(emb),
-                                   query_labels=torch.from_numpy(labels[:50]), gallery_labels=torch.from_numpy(labels),
-                                   max_dist=max_dist, n_bins=n_bins, self_row=own_rows(torch.arange(50), torch.arange(120)))
-    assert hist[0].sum() == (~relevant).sum() and hist[1].sum() == relevant.sum()
-    value = fnmr_at_fmr(hist, [fmr])[fmr_key(fmr)]
-    # The documented bound: the positives within one bin width of the threshold.
-    width = max_dist / n_bins
-    near = (np.abs(dist[relevant] - threshold) <= 2 * width).mean()
-    assert abs(value - expected) <= near + 1e-12
+    counts = exact_counts(emb[:50], emb, labels[:50], labels, self_row=own_rows(torch.arange(50), torch.arange(120)))
+    values = fnmr_at_fmr(lambda w: counts(w, n_buckets), FMRS, n_buckets)
+    for fmr in FMRS:
+        # Float32 distances from another formula may differ in the last bits; no positive lies that close
+        # to a threshold here, so the values must be equal.
+        threshold = np.quantile(dist[~relevant].astype(np.float32), fmr)
+        assert np.abs(dist[relevant] - threshold).min() > 1e-5
+        assert values[fmr_key(fmr)] == oml_fnmr(dist.astype(np.float32), relevant, fmr)
 
 
-def test_fnmr_histogram_counts_match_brute_force_bins():
-    from raymetric.retrieval import pair_distance_histogram
+@pytest.mark.parametrize("n_buckets", [4, 65536])
+def test_fnmr_at_fmr_equals_oml_on_tied_distances(n_buckets):
+    # Integer points: few distinct distances, each shared by many pairs (a binned estimate was off by up
+    # to 0.24 here). Squared distances are small integers, so every float32 computation is exact.
+    rng = np.random.default_rng(8)
+    query, gallery = rng.integers(0, 3, (40, 3)).astype(np.float32), rng.integers(0, 3, (70, 3)).astype(np.float32)
+    ql, gl = rng.integers(0, 4, 40), rng.integers(0, 4, 70)
+    qs, gs = rng.integers(-1, 5, 40), rng.integers(-1, 5, 70)
+    dist, relevant = [], []
+    for q in range(40):
+        for g in range(70):
+            if qs[q] != -1 and qs[q] == gs[g]:
+                continue
+            dist.append(np.sqrt(((query[q] - gallery[g]) ** 2).sum(), dtype=np.float32))
+            relevant.append(ql[q] == gl[g])
+    dist, relevant = np.array(dist, np.float32), np.array(relevant)
+    counts = exact_counts(query, gallery, ql, gl, query_sequences=torch.from_numpy(qs),
+                          gallery_sequences=torch.from_numpy(gs))
+    passes = []
+    values = fnmr_at_fmr(lambda w: passes.append(w) or counts(w, n_buckets), FMRS + [0.2, 0.25, 0.75], n_buckets)
+    assert values == {fmr_key(fmr): oml_fnmr(dist, relevant, fmr) for fmr in FMRS + [0.2, 0.25, 0.75]}
+    if n_buckets == 65536:
+        assert len(passes) <= 3
+
+
+def test_fnmr_at_fmr_docstring_case_and_threshold_between_values():
+    # OML's example, then a threshold strictly between two far-apart negatives, with positives between
+    # them: the relevant pairs above it need a pass of their own.
+    query = np.zeros((1, 1), np.float32)
+    gallery = np.array([[1.0], [2.0], [3.0], [10.0], [4.0], [5.0], [6.0], [7.0]], np.float32)
+    labels = np.array([1, 0, 0, 1, 0, 0, 0, 0])  # query label 0: negatives at 1 and 10, positives at 2 ... 7
+    counts = exact_counts(query, gallery, np.zeros(1, np.int64), labels)
+    passes = []
+    values = fnmr_at_fmr(lambda w: passes.append(w) or counts(w, 65536), [0.3, 0.5], 65536)  # thresholds 3.7, 5.5
+    assert values == {"fnmr@fmr=0.3": 4 / 6, "fnmr@fmr=0.5": 2 / 6}
+    assert len(passes) == 3
+
+
+def test_pair_distance_counts_match_brute_force_slots():
+    from raymetric.retrieval import pair_distance_counts
+    from raymetric.retrieval.pair_counts import distance_key, first_window
 
     rng = np.random.default_rng(4)
     query, gallery = rng.normal(size=(7, 3)).astype(np.float32), rng.normal(size=(30, 3)).astype(np.float32)
     ql, gl = rng.integers(0, 3, 7), rng.integers(0, 3, 30)
     qs, gs = rng.integers(-1, 3, 7), rng.integers(-1, 3, 30)
-    hist = pair_distance_histogram(torch.from_numpy(query), torch.from_numpy(gallery), query_labels=torch.from_numpy(ql),
-                                   gallery_labels=torch.from_numpy(gl), max_dist=10.0, n_bins=7,
-                                   query_sequences=torch.from_numpy(qs), gallery_sequences=torch.from_numpy(gs),
-                                   max_block_elems=11)
-    expected = np.zeros((2, 7), np.int64)
+    windows = [(distance_key(0.5), 20), first_window(8), (distance_key(2.0), 23)]  # [0.5, ~1.5), all, [2, inf)
+    counts = pair_distance_counts(torch.from_numpy(query), torch.from_numpy(gallery), query_labels=torch.from_numpy(ql),
+                                  gallery_labels=torch.from_numpy(gl), windows=windows, n_buckets=8,
+                                  self_row=torch.tensor([3, -1, 0, 29, -1, 5, 12]),
+                                  query_sequences=torch.from_numpy(qs), gallery_sequences=torch.from_numpy(gs),
+                                  max_block_elems=11)
+    expected = np.zeros((3, 2, 10), np.int64)
+    self_row = [3, -1, 0, 29, -1, 5, 12]
     for q in range(7):
         for g in range(30):
-            if qs[q] != -1 and qs[q] == gs[g]:
+            if (qs[q] != -1 and qs[q] == gs[g]) or g == self_row[q]:
                 continue
-            d = np.sqrt(((query[q].astype(np.float64) - gallery[g]) ** 2).sum())
-            expected[int(ql[q] == gl[g]), min(int(d / 10.0 * 7), 6)] += 1
-    np.testing.assert_array_equal(hist.numpy(), expected)
+            key = distance_key(float(np.sqrt(((query[q].astype(np.float64) - gallery[g]) ** 2).sum())))
+            for w, (lo, shift) in enumerate(windows):
+                slot = 0 if key < lo else 9 if key >= lo + (8 << shift) else 1 + ((key - lo) >> shift)
+                expected[w, int(ql[q] == gl[g]), slot] += 1
+    # (Float32 distances may differ from rounded float64 ones by an ulp; no key lies that close to an edge here.)
+    np.testing.assert_array_equal(counts.numpy(), expected)
 
 
 def test_fnmr_without_pairs_is_zero():
-    assert fnmr_at_fmr(torch.zeros(2, 5, dtype=torch.long), [0.1]) == {"fnmr@fmr=0.1": 0.0}
+    def no_pairs(windows):
+        return torch.zeros(len(windows), 2, 6, dtype=torch.long)
+
+    assert fnmr_at_fmr(no_pairs, [0.1], 4) == {"fnmr@fmr=0.1": 0.0}
+    assert fnmr_at_fmr(no_pairs, [], 4) == {}
     with pytest.raises(ValueError, match="fmr"):
-        fnmr_at_fmr(torch.ones(2, 5, dtype=torch.long), [1.5])
+        fnmr_at_fmr(no_pairs, [1.5], 4)
+    with pytest.raises(ValueError, match="power of two"):
+        fnmr_at_fmr(no_pairs, [0.5], 5)
 
 
 def oml_pcf(emb: np.ndarray, variances) -> list[float]:
@@ -269,10 +334,9 @@ def test_validation_report_keys_and_category_blocks():
     emb_categories = rng.choice(np.array(["shoes", "bags", "hats"]), 60)
     moments = {"": EmbeddingMoments.of(emb)} | {c: EmbeddingMoments.of(emb[emb_categories == c])
                                                  for c in ("bags", "hats", "shoes")}
-    hist = torch.ones(2, 16, dtype=torch.long)
     args = MetricArgs(cmc_top_k=[1], precision_top_k=[3], map_top_k=[3], fmr_vals=[0.5], pcf_variance=[0.5, 0.9])
-    report = validation_report(is_relevant, n_retrieved, n_gt, args, categories=categories, pair_histogram=hist,
-                               moments=moments)
+    report = validation_report(is_relevant, n_retrieved, n_gt, args, categories=categories,
+                               fnmr={"fnmr@fmr=0.5": 0.25}, moments=moments)
     block = ["cmc@1", "precision@3", "map@3"]
     assert list(report)[:8] == [*block, "fnmr@fmr=0.5", "pcf@0.5", "pcf@0.9", "n_queries", "n_queries_without_gt"]
     assert list(report)[8:13] == ["bags/" + k for k in [*block, "pcf@0.5", "pcf@0.9"]]  # no fnmr per category

@@ -19,9 +19,9 @@ that nothing left out could rank higher (:mod:`raymetric.retrieval.shard`).
 """
 
 from raymetric.retrieval.exact import exact_distances
-from raymetric.retrieval.histogram import histogram_range, pair_distance_histogram
+from raymetric.retrieval.pair_counts import pair_distance_counts
 from raymetric.retrieval.results import TopK, merge_topk, relevance, sort_by_dist_then_id
 from raymetric.retrieval.shard import certify, own_rows, topk_shard
 
 __all__ = ["TopK", "topk_shard", "merge_topk", "relevance", "exact_distances", "certify", "sort_by_dist_then_id",
-           "own_rows", "histogram_range", "pair_distance_histogram"]
+           "own_rows", "pair_distance_counts"]

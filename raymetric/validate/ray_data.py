@@ -14,7 +14,7 @@ import torch
 from raymetric.embeddings import EmbeddingsTable
 from raymetric.export import trained_extractor_spec
 from raymetric.ray_env import quiet_ray_data
-from raymetric.retrieval import TopK, histogram_range, merge_topk, own_rows, pair_distance_histogram, topk_shard
+from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_counts, topk_shard
 from raymetric.search import SearchSettings
 from raymetric.validate.plan import ValidationPlan, table_from_frame
 
@@ -146,8 +146,8 @@ def _search_shard(batch: pa.Table, queries: list, settings: dict, threads: int, 
             "widened": np.full(n, part.stats["queries_widened"])}
 
 
-def _histogram_shard(batch: pa.Table, queries: list, n_bins: int, max_dist: float, threads: int) -> dict:
-    """Ray Data task: the pair-distance histogram of the query chunk against one gallery shard."""
+def _count_shard(batch: pa.Table, queries: list, windows: list, n_buckets: int, threads: int) -> dict:
+    """Ray Data task: the pair-distance counts of the query chunk against one gallery shard."""
     import ray
 
     torch.set_num_threads(threads)
@@ -155,12 +155,12 @@ def _histogram_shard(batch: pa.Table, queries: list, n_bins: int, max_dist: floa
     emb, ids, labels, sequences, shard = _shard_arrays(batch)
     has_seq = q["sequences"] is not None
     rows = torch.from_numpy(q["rows"])
-    hist = pair_distance_histogram(
+    counts = pair_distance_counts(
         torch.from_numpy(q["emb"]), emb, query_labels=torch.from_numpy(q["labels"]), gallery_labels=labels,
-        max_dist=max_dist, n_bins=n_bins, self_row=own_rows(rows, ids),
+        windows=[tuple(w) for w in windows], n_buckets=n_buckets, self_row=own_rows(rows, ids),
         query_sequences=torch.from_numpy(q["sequences"]) if has_seq else None,
         gallery_sequences=sequences if has_seq else None)
-    return {"shard": np.array([shard]), "hist": hist.reshape(1, -1).numpy()}
+    return {"shard": np.array([shard]), "counts": counts.reshape(1, -1).numpy()}
 
 
 class RayDataSearcher:
@@ -230,16 +230,18 @@ class RayDataSearcher:
         emb = torch.from_numpy(self.table.embeddings)[ids.clamp_min(0)]
         return emb * (ids >= 0)[..., None]
 
-    def pair_histogram(self, query_emb: torch.Tensor, query_rows: torch.Tensor, n_bins: int) -> torch.Tensor:
-        max_dist = histogram_range(torch.from_numpy(self.table.embeddings))
-        total = torch.zeros(2 * n_bins, dtype=torch.int64)
+    def pair_counts(self, query_emb: torch.Tensor, query_rows: torch.Tensor, windows: list[tuple[int, int]],
+                    n_buckets: int) -> torch.Tensor:
+        """Distance counts of all (query, gallery item) pairs in key windows, one Ray task per shard and
+        query chunk (:func:`raymetric.retrieval.pair_distance_counts`)."""
+        total = torch.zeros(len(windows) * 2 * (n_buckets + 2), dtype=torch.int64)
         for start in range(0, len(query_rows), self.settings.query_chunk):
             rows = query_rows[start:start + self.settings.query_chunk]
             ref = self._chunk_ref(query_emb[start:start + self.settings.query_chunk], rows)
             out = self.dataset.map_batches(
-                _histogram_shard, fn_kwargs={"queries": [ref], "n_bins": n_bins, "max_dist": max_dist,
-                                             "threads": self.threads},
+                _count_shard, fn_kwargs={"queries": [ref], "windows": [list(w) for w in windows],
+                                         "n_buckets": n_buckets, "threads": self.threads},
                 batch_size=None, batch_format="pyarrow", num_cpus=self.threads)
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                total += torch.from_numpy(batch["hist"].sum(0))
-        return total.view(2, n_bins)
+                total += torch.from_numpy(batch["counts"].sum(0))
+        return total.view(len(windows), 2, n_buckets + 2)

@@ -10,7 +10,7 @@ import torch
 
 from raymetric.config import MetricArgs
 from raymetric.embeddings import EmbeddingsTable
-from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
+from raymetric.metrics import EmbeddingMoments, fnmr_at_fmr, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, relevance
 from raymetric.retrieval.candidates import scoring_dtype
@@ -74,7 +74,8 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
         query_rows, query_emb = query_rows.to(device), query_emb.to(device)
     topk = searcher.search(query_emb, query_rows)
     topk = apply_postprocessing(build_postprocessors(retrieval.postprocessing), query_emb, query_rows, topk, searcher)
-    histogram = searcher.pair_histogram(query_emb, query_rows, metric_args.fmr_bins) if metric_args.fmr_vals else None
+    fnmr = fnmr_at_fmr(lambda windows: searcher.pair_counts(query_emb, query_rows, windows, metric_args.fmr_bins),
+                       metric_args.fmr_vals, metric_args.fmr_bins) if metric_args.fmr_vals else None
     topk, query_rows = topk.to("cpu"), query_rows.cpu()
 
     is_relevant, n_retrieved = relevance(topk, labels[query_rows], labels)
@@ -87,6 +88,6 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
     query_categories = None if table.categories is None else table.categories[query_rows.numpy()]
     per_query = metric_args_per_query(is_relevant, n_retrieved, topk.n_gt, metric_args)  # once: metrics and picture
     metrics = validation_report(is_relevant, n_retrieved, topk.n_gt, metric_args, categories=query_categories,
-                                pair_histogram=histogram, moments=moments, per_query=per_query)
+                                fnmr=fnmr, moments=moments, per_query=per_query)
     metrics["n_gallery"] = int(table.is_gallery.sum())
     return ValidationOutput(metrics, query_rows.numpy(), topk, per_query, searched_with, is_relevant)
