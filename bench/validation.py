@@ -155,9 +155,15 @@ def worker_gpu(n: int, dim: int, k: int) -> dict:
 
     sub_n = min(131072, n)
     sub = dict(kwargs, query_labels=labels[:sub_n], query_ids=ids[:sub_n])
+    plain = lambda group, extra: (setattr(fused, "ENABLED", False), candidates.GROUP.update(cuda=group),  # noqa: E731
+                                  kwargs.update(extra=extra), sub.update(extra=extra))
     variants = {  # name -> setup; each is timed on 128k queries (after a warm-up call that compiles)
-        "plain, group 32": lambda: (setattr(fused, "ENABLED", False), candidates.GROUP.update(cuda=32)),
-        "fused 128x128x64, 8 warps": lambda: (setattr(fused, "ENABLED", True),
+        "plain, group 32": lambda: plain(32, 48),
+        "plain, group 64": lambda: plain(64, 48),
+        "plain, group 128": lambda: plain(128, 48),
+        "plain, group 64, extra 24": lambda: plain(64, 24),
+        "plain, group 128, extra 24": lambda: plain(128, 24),
+        "fused 128x128x64, 8 warps": lambda: (plain(32, 48), setattr(fused, "ENABLED", True),
                                               fused.CUDA_TILES.update(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
         "fused 128x256x64, 8 warps": lambda: fused.CUDA_TILES.update(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
         "fused 64x128x64, 4 warps": lambda: fused.CUDA_TILES.update(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),

@@ -192,6 +192,24 @@ def _full_precision_accumulation(device: torch.device):
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
+def fill_skipped(block: torch.Tensor, value, first_col: int, *, self_row: torch.Tensor | None = None,
+                 query_sequences: torch.Tensor | None = None, gallery_sequences: torch.Tensor | None = None) -> None:
+    """Writes ``value`` into the skipped pairs of a ``[r, c]`` block of gallery columns from ``first_col`` on.
+
+    Skipped: each query's own item (``self_row``, ``[r]`` gallery rows, ``-1`` = none) and the items of
+    its sequence (``query_sequences`` ``[r]`` against the block's ``gallery_sequences`` ``[c]``; ``-1`` =
+    none). In place and without a host sync, so a GPU keeps its queue of work.
+    """
+    if self_row is not None:
+        local = self_row - first_col  # [r]
+        own = ((local >= 0) & (local < block.shape[1]))[:, None]
+        col = local.clamp(0, block.shape[1] - 1)[:, None]  # where not own, the old value is written back
+        block.scatter_(1, col, torch.where(own, value, block.gather(1, col)))
+    if query_sequences is not None:
+        q_seq = query_sequences[:, None]  # [r, 1]
+        block.masked_fill_((q_seq == gallery_sequences[None, :]) & (q_seq != -1), value)
+
+
 def _block_top(scores: torch.Tensor, width: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``width`` low-precision scores of each row of a ``[r, n]`` block and their columns.
 
@@ -262,13 +280,10 @@ def torch_candidates(
             for cs in range(0, n_gallery, cols_per_block):
                 ce = min(cs + cols_per_block, n_gallery)
                 scores = q @ matrix[cs:ce].T  # [r, c] low-precision scores
-                if self_row is not None:
-                    local = self_row[rs:re] - cs  # [r]
-                    hit = ((local >= 0) & (local < ce - cs)).nonzero().squeeze(1)
-                    scores[hit, local[hit]] = float("-inf")
-                if query_sequences is not None:
-                    q_seq = query_sequences[rs:re, None]  # [r, 1]
-                    scores.masked_fill_((q_seq == gallery_sequences[None, cs:ce]) & (q_seq != -1), float("-inf"))
+                fill_skipped(scores, float("-inf"), cs,
+                             self_row=None if self_row is None else self_row[rs:re],
+                             query_sequences=None if query_sequences is None else query_sequences[rs:re],
+                             gallery_sequences=None if gallery_sequences is None else gallery_sequences[cs:ce])
                 block_scores, block_cols = _block_top(scores, width, group)  # [r, <=W]
                 del scores
                 merged_scores = torch.cat([top_scores, block_scores], 1)

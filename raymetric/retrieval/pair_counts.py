@@ -18,6 +18,8 @@ import struct
 
 import torch
 
+from raymetric.retrieval.candidates import fill_skipped
+
 KEY_INF = 0x7F800000  # the key of +inf; every finite non-negative float32 has a smaller one
 # Pairs per block, by device type: small on a CPU, so that a block's passes run from the cache.
 BLOCK_ELEMS = {"cpu": 2**18, "cuda": 2**26}
@@ -137,14 +139,9 @@ def pair_distance_counts(
                 keys = d.add_(query_sq[:, None]).clamp_min_(0).sqrt_().view(torch.int32).clamp_min_(0)  # -0.0 -> 0
                 # Each pair's row of counts, as an offset: 0 not relevant, slots relevant, 2 slots skipped.
                 row = (query_labels[rs:re, None] == gallery_labels[None, cs:ce]).to(torch.int32).mul_(slots)
-                if query_sequences is not None:
-                    q_seq = query_sequences[rs:re, None]
-                    row.masked_fill_((q_seq == gallery_sequences[None, cs:ce]) & (q_seq != -1), 2 * slots)
-                if self_row is not None:
-                    local = self_row[rs:re] - cs  # [r]
-                    own = ((local >= 0) & (local < ce - cs))[:, None]
-                    col = local.clamp(0, ce - cs - 1)[:, None]  # no host sync: write the old value where not own
-                    row.scatter_(1, col, torch.where(own, 2 * slots, row.gather(1, col)))
+                fill_skipped(row, 2 * slots, cs, self_row=None if self_row is None else self_row[rs:re],
+                             query_sequences=None if query_sequences is None else query_sequences[rs:re],
+                             gallery_sequences=None if gallery_sequences is None else gallery_sequences[cs:ce])
                 for i, (lo, shift) in enumerate(windows):
                     counts[i] += torch.bincount(_slots(keys, lo, shift, n_buckets).add_(row).view(-1),
                                                 minlength=3 * slots)
