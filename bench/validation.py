@@ -2,6 +2,7 @@ r"""Validation speed and memory: raymetric against OML 4.0.0, in the same run, o
 
     python bench/validation.py                      # N = 20k, 50k, 200k, the 10k x 1M scale row, GPU row if CUDA
     python bench/validation.py --sizes 20000 --no-scale   # a quick look
+    python bench/validation.py --sizes --no-scale         # only the fnmr@fmr rows
     python bench/validation.py --gpu-only           # only the GPU row (on a GPU machine; no OML needed)
 
 Embeddings: D = 128, labels of exactly 5 items, every item both query and gallery (1 vs rest),
@@ -14,6 +15,10 @@ the validation call (embeddings already in memory), the peak memory is the subpr
 resident set (``getrusage(RUSAGE_SELF).ru_maxrss`` at its end), imports and data included. Agreement: per query, when both sides' top-5 ids are
 equal, each per-query metric must agree to 1e-6; the table shows the share of queries whose top-5 ids
 agree (the rest differ by float32 distance noise in OML's ``cdist``, which raymetric ranks exactly).
+
+fnmr@fmr rows (``--fnmr-size``, default 5,000): both sides compute ``fnmr@fmr`` at four rates on the same
+embeddings, once the clustered unit vectors and once integer points whose distances tie in large groups
+(OML ranks the whole gallery for it, so N stays small); the values must agree to float32 rounding.
 
 Scale row: 10k queries against a 1M-item gallery (the queries are gallery items too), raymetric only
 (OML would hold a 5,000 x 1M float32 block, 20 GB). GPU row (only where CUDA exists): exact top-16 of
@@ -36,6 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, PER_LABEL, K = 128, 5, 5
 CMC, PRECISION, MAP, PCF = (1, 5), (5,), (5,), (0.5,)
+FMR = (0.001, 0.01, 0.1, 0.5)  # the fnmr@fmr rows only
 NOISE = 1.5  # per-dimension noise around label centres of unit variance: cmc@1 about 0.7
 
 
@@ -55,7 +61,7 @@ def make_embeddings(n: int, dim: int = DIM, seed: int = 0, rows_per_block: int =
 # ---------------------------------------------------------------- workers (each in its own process)
 
 
-def worker_raymetric(data: str, out: str, n_query: int | None = None) -> dict:
+def worker_raymetric(data: str, out: str, n_query: int | None = None, fmr: bool = False) -> dict:
     sys.path.insert(0, ROOT)
     import torch
 
@@ -72,7 +78,7 @@ def worker_raymetric(data: str, out: str, n_query: int | None = None) -> dict:
     is_query[: n_query or n] = True
     table = EmbeddingsTable(emb, labels, is_query, np.ones(n, bool))
     metric_args = MetricArgs(cmc_top_k=list(CMC), precision_top_k=list(PRECISION), map_top_k=list(MAP),
-                             pcf_variance=list(PCF))
+                             pcf_variance=list(PCF), fmr_vals=list(FMR) if fmr else [])
     start = time.perf_counter()
     result = score_table(table, metric_args, RetrievalConfig())
     seconds = time.perf_counter() - start
@@ -82,7 +88,7 @@ def worker_raymetric(data: str, out: str, n_query: int | None = None) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def worker_oml(data: str, out: str) -> dict:
+def worker_oml(data: str, out: str, fmr: bool = False) -> dict:
     import torch
     from oml.interfaces.datasets import IQueryGalleryLabeledDataset
     from oml.metrics.embeddings import EmbeddingMetrics
@@ -111,7 +117,7 @@ def worker_oml(data: str, out: str) -> dict:
             return torch.arange(len(self.labels))
 
     metric = EmbeddingMetrics(OneVsRest(labels), cmc_top_k=CMC, precision_top_k=PRECISION, map_top_k=MAP,
-                              fmr_vals=(), pcf_variance=PCF, verbose=False)
+                              fmr_vals=FMR if fmr else (), pcf_variance=PCF, verbose=False)
     metric.setup(len(labels))
     metric.update(torch.from_numpy(emb), list(range(len(labels))))
     start = time.perf_counter()
@@ -122,6 +128,7 @@ def worker_oml(data: str, out: str) -> dict:
     ids = np.stack([r[:K].numpy() for r in metric.retrieval_results.retrieved_ids])
     np.savez(out, ids=ids, **per_query)
     flat = {f"{name}@{k}": float(v) for name in ("cmc", "precision", "map", "pcf") for k, v in metrics["OVERALL"][name].items()}
+    flat.update({f"fnmr@fmr={k:g}": float(v) for k, v in metrics["OVERALL"].get("fnmr@fmr", {}).items()})
     return {"seconds": seconds, "metrics": flat, "threads": torch.get_num_threads()}
 
 
@@ -227,6 +234,31 @@ def run_worker(python: str, args: list[str], timeout: float) -> tuple[dict | Non
     return result, peak, error
 
 
+def fnmr_comparison(n: int, tmp: str, oml_python: str | None, timeout: float) -> list[dict]:
+    """fnmr@fmr of both sides on two sets of n embeddings: the clustered unit vectors, and integer points
+    (coordinates 0..3 in 8 dimensions: few distinct distances, each shared by many pairs, so the
+    threshold falls on ties; their float32 distances are exact on both sides)."""
+    rng = np.random.default_rng(1)
+    sets = {"clustered, D=128": make_embeddings(n)[0],
+            "integer, D=8 (ties)": rng.integers(0, 4, (n, 8)).astype(np.float32)}
+    rows = []
+    for name, emb in sets.items():
+        data = os.path.join(tmp, f"fnmr{len(rows)}")
+        np.save(data + ".emb.npy", emb)
+        np.save(data + ".labels.npy", rng.permutation(n) // PER_LABEL)
+        ours, _, err = run_worker(sys.executable, ["--worker", "raymetric", data, data + ".ours.npz", "--fmr"], 3600)
+        oml = None
+        if oml_python:
+            oml, _, oml_err = run_worker(oml_python, ["--worker", "oml", data, data + ".oml.npz", "--fmr"], timeout)
+        for fmr in FMR:
+            key = f"fnmr@fmr={fmr:g}"
+            rows.append({"data": name, "fmr": fmr, "ours": (ours or {}).get("metrics", {}).get(key, float("nan")),
+                         "oml": (oml or {}).get("metrics", {}).get(key), "ours_s": (ours or {}).get("seconds"),
+                         "oml_s": (oml or {}).get("seconds")})
+        print(json.dumps({"fnmr": name, "ours_err": err, "oml": bool(oml)}), flush=True)
+    return rows
+
+
 def agreement(ours: str, oml: str) -> tuple[float, float]:
     """Share of queries whose top-5 ids agree, and the largest per-query metric difference among them."""
     a, b = np.load(ours), np.load(oml)
@@ -247,6 +279,8 @@ def main() -> None:
     parser.add_argument("--oml-timeout", type=float, default=1800, help="seconds before an OML run is given up")
     parser.add_argument("--no-scale", action="store_true", help="skip the 10k x 1M row")
     parser.add_argument("--scale", type=int, nargs=2, default=[10_000, 1_000_000], metavar=("QUERIES", "GALLERY"))
+    parser.add_argument("--fnmr-size", type=int, default=5000,
+                        help="N of the fnmr@fmr rows (OML ranks the whole gallery for them); 0 skips them")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU row")
     parser.add_argument("--gpu-size", type=int, nargs=3, default=[1_000_000, 256, 16], metavar=("N", "DIM", "K"))
     args = parser.parse_args()
@@ -287,8 +321,17 @@ def main() -> None:
                 ours, peak, err = run_worker(sys.executable, ["--worker", "raymetric", f"generate:{g}", out, str(q)], 3600)
                 rows.append({"N": f"{q // 1000}k x {g // 1000}k", "ours": ours, "ours_peak": peak, "ours_err": err})
                 print_row(rows[-1], flush=True)
+            fnmr_rows = fnmr_comparison(args.fnmr_size, tmp, oml_python, args.oml_timeout) if args.fnmr_size else []
         print()
         print_table(rows)
+        if fnmr_rows:
+            print(f"\nfnmr@fmr, N = {args.fnmr_size} all vs all (the same float32 embeddings on both sides):")
+            print("| embeddings | fmr | raymetric | OML 4.0.0 | difference | raymetric s | OML s |")
+            print("|---|---|---|---|---|---|---|")
+            for r in fnmr_rows:
+                print(f"| {r['data']} | {r['fmr']:g} | {_fmt(r['ours'], '.6f')} | {_fmt(r['oml'], '.6f')} "
+                      f"| {_fmt(abs(r['ours'] - r['oml']) if r['oml'] is not None else None, '.1e')} "
+                      f"| {_fmt(r['ours_s'])} | {_fmt(r['oml_s'])} |")
 
     import torch
 
@@ -334,11 +377,12 @@ def print_table(rows: list[dict]) -> None:
 def _worker_main(argv: list[str]) -> None:
     import resource
 
-    kind = argv[0]
+    kind, fmr = argv[0], "--fmr" in argv
+    argv = [a for a in argv if a != "--fmr"]
     if kind == "raymetric":
-        result = worker_raymetric(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else None)
+        result = worker_raymetric(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else None, fmr)
     elif kind == "oml":
-        result = worker_oml(argv[1], argv[2])
+        result = worker_oml(argv[1], argv[2], fmr)
     else:
         result = worker_gpu(int(argv[1]), int(argv[2]), int(argv[3]))
     print("RESULT " + json.dumps(result, default=float))
