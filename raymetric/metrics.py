@@ -298,7 +298,7 @@ def fnmr_at_fmr(
         >>> fnmr_at_fmr(counts, [0.1, 0.5], n_buckets=64)  # OML: 0.4, 0.2
         {'fnmr@fmr=0.1': 0.4, 'fnmr@fmr=0.5': 0.2}
     """
-    from raymetric.retrieval.pair_counts import KEY_INF, check_buckets, distance_key, first_window, key_value
+    from raymetric.retrieval.pair_counts import check_buckets, distance_key, first_window, key_value
 
     for fmr in fmr_vals:
         if not 0.0 <= fmr <= 1.0:
@@ -308,54 +308,54 @@ def fnmr_at_fmr(
         return {}
     bits = n_buckets.bit_length() - 1  # n_buckets = 2**bits
     records: list[tuple[tuple[int, int], torch.Tensor]] = []  # every window counted, with its [2, n + 2] counts
+    totals: list[int] = []  # [non-relevant, relevant] pairs: the same in every pass
+    changed = ("fnmr@fmr: the pair distances changed between counting passes (shards computed on different "
+               "hardware?); their order statistics cannot be followed")
 
     def count(windows) -> dict[tuple[int, int], torch.Tensor]:
         windows = sorted(set(windows))
         result = torch.as_tensor(pair_counts(windows)).to("cpu", torch.int64)
+        if totals and any(c.sum(1).tolist() != totals for c in result):
+            raise RuntimeError(changed)
         records.extend(zip(windows, result))
         return dict(zip(windows, result))
 
-    def covering(lo: int, hi: int) -> tuple[int, int]:
-        """The narrowest window from ``lo`` that reaches ``hi`` (exclusive)."""
-        shift = 0
-        while lo + (n_buckets << shift) < hi:
-            shift += 1
-        return lo, shift
-
     start = first_window(n_buckets)
     first = count([start])[start]
-    n_neg, n_pos = int(first[0].sum()), int(first[1].sum())
+    totals.extend(first.sum(1).tolist())
+    n_neg, n_pos = totals
     if n_neg == 0 or n_pos == 0:
         return {fmr_key(fmr): 0.0 for fmr in fmr_vals}
-    # np.quantile(method="linear"): the order statistics floor(v) and floor(v) + 1 (0-based), v = (n - 1) fmr.
+    # np.quantile(method="linear") reads the order statistics floor(v) and floor(v) + 1 (0-based, clipped to
+    # the last), v = (n - 1) fmr, and interpolates even when the weight of the second is 0.
     plans = {}
     for fmr in fmr_vals:
         virtual = (n_neg - 1) * float(fmr)
         low = int(np.floor(virtual))
-        gamma = virtual - low
-        plans[fmr] = (low, min(low + 1, n_neg - 1) if gamma > 0 else low, gamma)
+        plans[fmr] = (low, min(low + 1, n_neg - 1), virtual - low)
     windows = {rank: start for plan in plans.values() for rank in plan[:2]}
+    below: dict[tuple[int, int], list[int]] = {start: [0, 0]}  # pairs below each window, known before counting it
     value_keys: dict[int, int] = {}
     counts = {start: first}
-    for _ in range(64):  # each pass narrows every window n_buckets times
+    for _ in range(64):  # each pass narrows every window n_buckets times; 2**31 keys need at most 31 passes
+        for window, c in counts.items():
+            if c[:, 0].tolist() != below[window]:
+                raise RuntimeError(changed)
         for rank, (lo, shift) in list(windows.items()):
-            cumulative = counts[(lo, shift)][0].cumsum(0)  # [n + 2] non-relevant pairs up to each slot
-            slot = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
-            hi = lo + (n_buckets << shift)
-            if slot == 0:  # below or above the window: only if the distances changed between passes
-                windows[rank] = covering(0, lo)
-            elif slot == n_buckets + 1:
-                windows[rank] = covering(hi, KEY_INF + 1)
-            elif shift == 0:  # a bucket of one key: one float32 value
+            c = counts[(lo, shift)]
+            slot = int(torch.searchsorted(c[0].cumsum(0), torch.tensor(rank), right=True))
+            if not 1 <= slot <= n_buckets:  # below or above the window that held it in the pass before
+                raise RuntimeError(changed)
+            if shift == 0:  # a bucket of one key: one float32 value
                 value_keys[rank] = lo + slot - 1
                 del windows[rank]
             else:
-                windows[rank] = (lo + ((slot - 1) << shift), max(shift - bits, 0))
+                window = (lo + ((slot - 1) << shift), max(shift - bits, 0))
+                windows[rank] = window
+                below[window] = c[:, :slot].sum(1).tolist()
         if not windows:
             break
         counts = count(list(windows.values()))
-    else:
-        raise RuntimeError("fnmr@fmr: the pair distances changed between counting passes")
 
     def relevant_from(key: int) -> int | None:
         """Relevant pairs with a key >= ``key``, if a window counted so far has a bucket edge there."""
@@ -368,7 +368,8 @@ def fnmr_at_fmr(
     threshold_keys = {}
     for fmr, (low, high, gamma) in plans.items():
         pair = np.array([key_value(value_keys[low]), key_value(value_keys[high])], dtype=np.float32)
-        threshold = float(np.quantile(pair, gamma))  # NumPy's own interpolation, as OML's threshold
+        # NumPy's own interpolation, as OML's threshold; a list of rates (as OML passes) keeps it float64.
+        threshold = float(np.quantile(pair, [gamma])[0])
         smallest = np.float32(threshold)  # the smallest float32 distance >= the threshold
         if float(smallest) < threshold:
             smallest = np.nextafter(smallest, np.float32(np.inf))

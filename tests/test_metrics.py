@@ -184,7 +184,7 @@ def all_pair_distances(query, gallery, query_labels, gallery_labels, query_ids, 
 
 def oml_fnmr(dist32: np.ndarray, relevant: np.ndarray, fmr: float) -> float:
     """OML 4.0's calc_fnmr_at_fmr: float32 distances, NumPy's linear quantile of the negatives, positives >= it."""
-    threshold = np.quantile(dist32[~relevant], fmr)
+    threshold = np.quantile(dist32[~relevant], [fmr])[0]  # OML passes a tuple of rates: a float64 threshold
     return float((dist32[relevant] >= threshold).sum() / relevant.sum())
 
 
@@ -217,7 +217,7 @@ def test_fnmr_at_fmr_equals_oml_on_continuous_distances(n_buckets):
     for fmr in FMRS:
         # Float32 distances from another formula may differ in the last bits; no positive lies that close
         # to a threshold here, so the values must be equal.
-        threshold = np.quantile(dist[~relevant].astype(np.float32), fmr)
+        threshold = np.quantile(dist[~relevant].astype(np.float32), [fmr])[0]
         assert np.abs(dist[relevant] - threshold).min() > 1e-5
         assert values[fmr_key(fmr)] == oml_fnmr(dist.astype(np.float32), relevant, fmr)
 
@@ -258,6 +258,37 @@ def test_fnmr_at_fmr_docstring_case_and_threshold_between_values():
     values = fnmr_at_fmr(lambda w: passes.append(w) or counts(w, 65536), [0.3, 0.5], 65536)  # thresholds 3.7, 5.5
     assert values == {"fnmr@fmr=0.3": 4 / 6, "fnmr@fmr=0.5": 2 / 6}
     assert len(passes) == 3
+
+
+def test_fnmr_threshold_is_not_rounded_to_float32():
+    # Negatives at 1 and 2, a positive at float32(1.3) = 1.29999995: the fmr 0.3 threshold is 1.3 in
+    # float64 (OML's), above the positive; rounded to float32 it would equal it and count it.
+    gallery = np.array([[1.0], [2.0], [np.float32(1.3)]], np.float32)
+    counts = exact_counts(np.zeros((1, 1), np.float32), gallery, np.zeros(1, np.int64), np.array([1, 1, 0]))
+    assert fnmr_at_fmr(lambda w: counts(w, 65536), [0.3], 65536) == {"fnmr@fmr=0.3": 0.0}
+
+
+def test_fnmr_refuses_overflowing_distances_and_distances_that_change_between_passes():
+    big = np.array([[0.0], [2e19], [3.0], [1e19]], np.float32)
+    counts = exact_counts(big[:1], big, np.zeros(1, np.int64), np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="overflow float32"):
+        fnmr_at_fmr(lambda w: counts(w, 64), [0.5], 64)
+
+    rng = np.random.default_rng(2)
+    emb, labels = rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 5, 40)
+    counts = exact_counts(emb, emb, labels, labels)
+    calls = []
+
+    def drifting(windows):  # the second pass sees one pair moved to the lowest key
+        out = counts(windows, 64)
+        calls.append(windows)
+        if len(calls) == 2:
+            out[:, 0, 0] += 1
+            out[:, 0, 1] -= 1
+        return out
+
+    with pytest.raises(RuntimeError, match="changed between counting passes"):
+        fnmr_at_fmr(drifting, [0.5], 64)
 
 
 def test_pair_distance_counts_match_brute_force_slots():

@@ -14,6 +14,7 @@ two) buckets of ``2**shift`` keys from key ``lo``, and every pair is counted in 
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import torch
@@ -67,6 +68,25 @@ def _slots(keys: torch.Tensor, lo: int, shift: int, n_buckets: int) -> torch.Ten
     # Below -> -1, above -> n_buckets (no key reaches 2**31 - 1), then all shifted by one.
     slots = (keys - lo).clamp_(min=-1, max=min(n_buckets << shift, 2**31 - 1)) >> shift
     return slots.add_(1)
+
+
+def _check_no_overflow(query_emb: torch.Tensor, gallery_emb: torch.Tensor) -> None:
+    """Refuses embeddings so large that float32 distances could overflow (to inf or NaN)."""
+    largest = [float(e.double().square().sum(1).max()) ** 0.5 for e in (query_emb, gallery_emb)]
+    if (largest[0] + largest[1]) ** 2 > 0.25 * torch.finfo(torch.float32).max:
+        raise ValueError(f"fnmr@fmr: embedding norms up to {max(largest):.3g} overflow float32 distances; "
+                         "scale the embeddings down")
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """Full float32 matmuls (no TF32 or bfloat16 inputs on any device), as OML's distances are."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def pair_distance_counts(
@@ -123,20 +143,21 @@ def pair_distance_counts(
     slots = n_buckets + 2
     counts = torch.zeros(len(windows), 3 * slots, dtype=torch.int64, device=device)  # rows: not relevant, relevant, skipped
     if n_query and n_gallery and windows:
+        _check_no_overflow(query_emb, gallery_emb)
         limit = BLOCK_ELEMS.get(device.type, 2**18)
         max_block_elems = min(max_block_elems, limit) if max_block_elems else limit
         gallery = gallery_emb.float()
         gallery_sq = gallery.square().sum(1)  # [G]
         cols_per_block = max(1, min(n_gallery, max_block_elems // 256))  # >= 256 rows: an efficient matmul
         rows_per_block = max(1, max_block_elems // cols_per_block)
-        for rs in range(0, n_query, rows_per_block):
-            re = min(rs + rows_per_block, n_query)
-            query = query_emb[rs:re].float()
-            query_sq = query.square().sum(1)  # [r]
-            for cs in range(0, n_gallery, cols_per_block):
-                ce = min(cs + cols_per_block, n_gallery)
-                d = torch.addmm(gallery_sq[None, cs:ce], query, gallery[cs:ce].T, alpha=-2.0)  # [r, c]
-                keys = d.add_(query_sq[:, None]).clamp_min_(0).sqrt_().view(torch.int32).clamp_min_(0)  # -0.0 -> 0
+        query = query_emb.float()
+        query_sq = query.square().sum(1)  # [Q]
+        blocks = [(rs, min(rs + rows_per_block, n_query), cs, min(cs + cols_per_block, n_gallery))
+                  for rs in range(0, n_query, rows_per_block) for cs in range(0, n_gallery, cols_per_block)]
+        with _full_float32():
+            for rs, re, cs, ce in blocks:
+                d = torch.addmm(gallery_sq[None, cs:ce], query[rs:re], gallery[cs:ce].T, alpha=-2.0)  # [r, c]
+                keys = d.add_(query_sq[rs:re, None]).clamp_min_(0).sqrt_().view(torch.int32).clamp_min_(0)  # -0.0: 0
                 # Each pair's row of counts, as an offset: 0 not relevant, slots relevant, 2 slots skipped.
                 row = (query_labels[rs:re, None] == gallery_labels[None, cs:ce]).to(torch.int32).mul_(slots)
                 fill_skipped(row, 2 * slots, cs, self_row=None if self_row is None else self_row[rs:re],
