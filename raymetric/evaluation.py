@@ -187,14 +187,10 @@ class DistributedSearcher:
 
 def _moments(emb: torch.Tensor, row_ids: torch.Tensor, rows: ValidationRows) -> dict[str, EmbeddingMoments]:
     """Moments of every validation embedding, overall (``""``) and per category, summed over the workers."""
-    groups = {"": torch.ones(len(row_ids), dtype=torch.bool)}
-    if rows.categories is not None:
-        local = rows.categories[row_ids.cpu().numpy()]
-        for category in np.unique(rows.categories):  # all categories, the same order on every worker
-            groups[str(category)] = torch.as_tensor(local == category)
+    local = None if rows.categories is None else rows.categories[row_ids.cpu().numpy()]
+    every = None if rows.categories is None else np.unique(rows.categories)  # the same order on every worker
     out = {}
-    for name, members in groups.items():
-        m = EmbeddingMoments.of(emb[members.to(emb.device)])
+    for name, m in EmbeddingMoments.by_category(emb, local, every).items():
         n = all_reduce_sum(torch.tensor(float(m.n), dtype=torch.float64, device=emb.device))
         out[name] = EmbeddingMoments(int(n), all_reduce_sum(m.total), all_reduce_sum(m.outer))
     return out

@@ -405,6 +405,23 @@ class EmbeddingMoments:
             outer += block.T @ block
         return cls(len(emb), total, outer)
 
+    @classmethod
+    def by_category(cls, emb, categories=None, all_categories=None) -> dict[str, "EmbeddingMoments"]:
+        """Moments of all of ``emb`` (key ``""``) and of each category's rows (key: the category).
+
+        Args:
+            emb: ``[N, D]`` embeddings.
+            categories: ``[N]`` category of each row (NumPy), or None.
+            all_categories: Every category to report, in order, even those without rows here (a
+                worker's shard); None: those in ``categories``.
+        """
+        emb = torch.as_tensor(emb)
+        out = {"": cls.of(emb)}
+        if categories is not None:
+            for category in np.unique(categories) if all_categories is None else all_categories:
+                out[str(category)] = cls.of(emb[torch.as_tensor(categories == category, device=emb.device)])
+        return out
+
     def __add__(self, other: "EmbeddingMoments") -> "EmbeddingMoments":
         return EmbeddingMoments(self.n + other.n, self.total + other.total.to(self.total.device),
                                 self.outer + other.outer.to(self.outer.device))

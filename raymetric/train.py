@@ -119,26 +119,30 @@ def prepare_run(
     build_train_sampler(cfg, train_df, cfg.ray.num_workers, rank=0)  # raises SamplerError naming the numbers
     labels, _ = remap_labels(train_df["label"])
     miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
-    # The embedding size only matters when the config states it (OML's in_features): then build the extractor.
-    in_features = cfg.criterion.args.get("in_features")
-    if in_features is not None:
-        in_features = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors).feat_dim
+    # The extractor is built only when its embedding size matters: the config states it (OML's
+    # in_features), or a checkpoint to resume must fit its tensors.
+    extractor = None
+    if cfg.criterion.args.get("in_features") is not None or cfg.resume_from:
+        torch.manual_seed(cfg.seed)
+        extractor = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors)
     try:  # the criterion's checks with the run's numbers (ArcFace: the number of labels)
-        build_criterion(
-            cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=in_features or 8,
+        criterion = build_criterion(
+            cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed,
+            in_features=extractor.feat_dim if extractor is not None else 8,
             num_classes=int(labels.max()) + 1 if len(labels) else 0, label2category=_label2category(train_df, labels),
         )
     except ValueError as err:
         raise ConfigError(f"config key criterion (with this dataset and extractor): {err}") from None
     if cfg.resume_from:
         cfg = cfg.model_copy(update={"resume_from": os.path.abspath(cfg.resume_from)})
-        check_resume(cfg, extractors, num_classes=int(labels.max()) + 1 if len(labels) else 0, train_df=train_df)
+        check_resume(cfg, extractor, criterion)
     return cfg, df
 
 
-def check_resume(cfg: TrainConfig, extractors: dict | None, *, num_classes: int, train_df: pd.DataFrame) -> str:
+def check_resume(cfg: TrainConfig, extractor: torch.nn.Module, criterion: torch.nn.Module) -> str:
     """The ``state.pt`` that ``resume_from`` resumes, after checking it fits this config (on the driver).
 
+    ``extractor`` and ``criterion``: built from this config and dataset, to compare tensor shapes with.
     Raises ConfigError naming every mismatch: a structural config key (extractor, criterion, miner,
     optimizer, scheduler) or a tensor missing, unexpected or of another shape.
     """
@@ -154,14 +158,6 @@ def check_resume(cfg: TrainConfig, extractors: dict | None, *, num_classes: int,
         raise ConfigError(f"config key resume_from: {state_path} is not a raymetric training checkpoint")
     problems = config_mismatches(state["config"], cfg.model_dump(mode="json"))
     if not problems:  # same blocks: compare the tensors themselves (an embedding size, a class count)
-        torch.manual_seed(cfg.seed)
-        extractor = build_extractor(cfg.extractor.name, cfg.extractor.args, extractors)
-        labels, _ = remap_labels(train_df["label"])
-        miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
-        criterion = build_criterion(
-            cfg.criterion.name, cfg.criterion.args, miner, seed=cfg.seed, in_features=extractor.feat_dim,
-            num_classes=num_classes, label2category=_label2category(train_df, labels),
-        )
         problems = state_mismatches(state["model"], extractor, "model")
         problems += state_mismatches(state["criterion"], criterion, "criterion")
     if problems:
@@ -299,11 +295,6 @@ def resume_run_dir(cfg: TrainConfig) -> str | None:
     return run_dir
 
 
-def new_run_dir(cfg: TrainConfig) -> str:
-    """``<storage_path>/<ray.name or date_time_postfix>``, created, with the resolved config in it."""
-    return make_run_dir(cfg)
-
-
 def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False, verbose: bool = False) -> RunResult:
     """Check everything on the driver, train on Ray Train, write the run directory.
 
@@ -324,7 +315,7 @@ def fit(cfg: TrainConfig, *, extractors: dict | None = None, quiet: bool = False
         from raymetric.data.check_images import check_images
 
         check_images(df)  # Ray Data: decode every image once; raises DatasetError naming the rows
-    run_dir = resume_run_dir(cfg) or new_run_dir(cfg)
+    run_dir = resume_run_dir(cfg) or make_run_dir(cfg)
     if not quiet:
         print(f"run directory: {run_dir}" + (f"  (Ray dashboard: {dashboard_url})" if dashboard_url else ""), flush=True)
     return run_trainer(cfg, run_dir, df, extractors=extractors, quiet=quiet)

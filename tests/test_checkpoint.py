@@ -138,7 +138,8 @@ def _local_fit(tiny_demo, tmp_path, overrides):
     from ray.train.torch import TorchTrainer
 
     from raymetric.config import load_config
-    from raymetric.train import new_run_dir, prepare_run, train_loop_per_worker
+    from raymetric.config import make_run_dir
+    from raymetric.train import prepare_run, train_loop_per_worker
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
         f"dataset_root={tiny_demo}", "demo_data=null", f"ray.storage_path={tmp_path}", "ray.num_workers=1",
@@ -146,7 +147,7 @@ def _local_fit(tiny_demo, tmp_path, overrides):
         "max_epochs=2", "valid_period=1", "validate_untrained=false", "scheduling.scheduler.args.T_max=2", *overrides,
     ])
     cfg, _ = prepare_run(cfg)
-    run_dir = new_run_dir(cfg)
+    run_dir = make_run_dir(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "quiet": True, "run_dir": run_dir},

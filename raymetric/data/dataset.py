@@ -35,6 +35,20 @@ class BBoxError(ImageReadError):
     """A row's bbox does not fit inside its image."""
 
 
+def check_box(bbox: Sequence[int], width: int, height: int, image: str, row: int | None = None
+              ) -> tuple[int, int, int, int]:
+    """``bbox`` ``(x_1, y_1, x_2, y_2)`` as ints, if it fits ``image`` of that size; else BBoxError.
+
+    >>> check_box([1, 0, 3, 2], 6, 4, "its image")
+    (1, 0, 3, 2)
+    """
+    x_1, y_1, x_2, y_2 = (int(v) for v in bbox)
+    if not (0 <= x_1 < x_2 <= width and 0 <= y_1 < y_2 <= height):
+        raise BBoxError(f"{'' if row is None else f'row {row}: '}bbox (x_1={x_1}, y_1={y_1}, x_2={x_2}, y_2={y_2}) "
+                        f"does not fit in {image} of size {width}x{height} (width x height)")
+    return x_1, y_1, x_2, y_2
+
+
 def read_image(path: str | os.PathLike, bbox: Sequence[int] | None = None) -> Image.Image:
     """Reads an image as RGB, cropped to ``bbox`` if given.
 
@@ -55,16 +69,10 @@ def read_image(path: str | os.PathLike, bbox: Sequence[int] | None = None) -> Im
     try:
         with Image.open(path) as image:
             if bbox is not None:
-                x_1, y_1, x_2, y_2 = (int(v) for v in bbox)
-                width, height = image.size
                 # Pillow pads a crop beyond the image with black; that hides a wrong box, so refuse it.
-                if not (0 <= x_1 < x_2 <= width and 0 <= y_1 < y_2 <= height):
-                    raise BBoxError(
-                        f"bbox (x_1={x_1}, y_1={y_1}, x_2={x_2}, y_2={y_2}) does not fit in image {path!r} "
-                        f"of size {width}x{height} (width x height)"
-                    )
+                box = check_box(bbox, *image.size, f"image {path!r}")
                 # Cropping before converting converts fewer pixels; the result is the same.
-                image = image.crop((x_1, y_1, x_2, y_2))
+                image = image.crop(box)
             return image.convert("RGB")
     except ImageReadError:
         raise

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raymetric.data.dataset import BBoxError, ImageDataset, ImageReadError
+from raymetric.data.dataset import ImageDataset, ImageReadError, check_box
 from raymetric.data.device_transforms import DEVICE_TRANSFORMS, DeviceTransform, build_device_transform
 from raymetric.data.transforms import build_transforms
 
@@ -147,13 +147,8 @@ def crop_to_boxes(images: list[torch.Tensor], boxes: torch.Tensor, rows: list[in
         if box[0] < 0:
             out.append(image)
             continue
-        x_1, y_1, x_2, y_2 = box
         height, width = image.shape[1:]
-        if not (0 <= x_1 < x_2 <= width and 0 <= y_1 < y_2 <= height):
-            raise BBoxError(
-                f"row {row}: bbox (x_1={x_1}, y_1={y_1}, x_2={x_2}, y_2={y_2}) does not fit in its image "
-                f"of size {width}x{height} (width x height)"
-            )
+        x_1, y_1, x_2, y_2 = check_box(box, width, height, "its image", row)
         out.append(image[:, y_1:y_2, x_1:x_2])
     return out
 

@@ -56,10 +56,13 @@ def own_rows(query_ids, gallery_ids) -> torch.Tensor:
     tensor([ 2, -1,  0])
     """
     gallery_ids = torch.as_tensor(gallery_ids)
-    query_ids = torch.as_tensor(query_ids, device=gallery_ids.device)
-    if len(gallery_ids) == 0:
+    return _find_rows(*torch.sort(gallery_ids), torch.as_tensor(query_ids, device=gallery_ids.device))
+
+
+def _find_rows(ids_sorted: torch.Tensor, order: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`own_rows` with the gallery ids already sorted (``torch.sort``'s values and indices)."""
+    if len(ids_sorted) == 0:
         return torch.full_like(query_ids, -1)
-    ids_sorted, order = torch.sort(gallery_ids)
     pos = torch.searchsorted(ids_sorted, query_ids).clamp_max_(len(ids_sorted) - 1)
     return torch.where(ids_sorted[pos] == query_ids, order[pos], -1)
 
@@ -72,10 +75,7 @@ def _self_and_n_gt(query_labels, gallery_labels, ids_sorted, order, query_ids,
     that has its label and was not already counted with the sequence. O((Q + G) log G), never Q x G.
     """
     n_query, n_gallery = len(query_labels), len(gallery_labels)
-    self_row = torch.full_like(query_labels, -1)  # [Q]
-    if query_ids is not None and n_gallery:
-        pos = torch.searchsorted(ids_sorted, query_ids).clamp_max_(n_gallery - 1)
-        self_row = torch.where(ids_sorted[pos] == query_ids, order[pos], -1)
+    self_row = torch.full_like(query_labels, -1) if query_ids is None else _find_rows(ids_sorted, order, query_ids)
 
     # Dense codes for labels seen by either side, so counts can be looked up by index.
     codes, label_code = torch.unique(torch.cat([query_labels, gallery_labels]), return_inverse=True)

@@ -76,9 +76,6 @@ def check_balance_args(labels: np.ndarray, n_labels: int, n_instances: int, worl
     raymetric.samplers.base.SamplerError: sampler.args.n_labels=3 is more than the 2 labels in the training split
     """
     check_instances(labels, n_labels, n_instances)
-    n_unique = len(np.unique(labels))
-    if n_labels > n_unique:
-        raise SamplerError(f"sampler.args.n_labels={n_labels} is more than the {n_unique} labels in the training split")
     if world_size < 1 or n_labels % world_size:
         raise SamplerError(
             f"sampler.args.n_labels={n_labels} must be divisible by the number of workers "

@@ -119,7 +119,7 @@ class GlobalPlanSampler:
 
 
 def check_instances(labels: np.ndarray, n_labels: int, n_instances: int, what: str = "a balanced sampler") -> None:
-    """Shared checks of the P x K samplers: ``n_instances > 1``, ``n_labels > 1``, >= 2 items per label.
+    """Shared checks of the P x K samplers: ``n_instances > 1``, ``1 < n_labels <= labels``, >= 2 items per label.
 
     >>> check_instances(np.array([0, 0, 1]), 2, 2)
     Traceback (most recent call last):
@@ -131,6 +131,8 @@ def check_instances(labels: np.ndarray, n_labels: int, n_instances: int, what: s
     if n_labels < 2:
         raise SamplerError(f"sampler.args.n_labels must be > 1 (got {n_labels})")
     unique, counts = np.unique(labels, return_counts=True)
+    if n_labels > len(unique):
+        raise SamplerError(f"sampler.args.n_labels={n_labels} is more than the {len(unique)} labels in the training split")
     single = unique[counts < 2]
     if len(single):
         raise SamplerError(

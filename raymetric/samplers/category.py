@@ -52,10 +52,6 @@ class _CategorySampler(GlobalPlanSampler):
         n_cat = len(self.category_names)
         if not 1 <= n_categories <= n_cat:
             raise SamplerError(f"sampler.args.n_categories={n_categories} must be in [1, {n_cat}] (the categories)")
-        if n_labels > len(self.unique_labels):
-            raise SamplerError(
-                f"sampler.args.n_labels={n_labels} is more than the {len(self.unique_labels)} labels in the training split"
-            )
         self.n_categories = n_categories
         self.n_labels = n_labels
         self.n_instances = n_instances

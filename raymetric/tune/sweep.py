@@ -29,8 +29,8 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raymetric.config import ConfigError
-from raymetric.train import HISTORY_FILE, new_run_dir, prepare_run, run_trainer
+from raymetric.config import ConfigError, make_run_dir
+from raymetric.train import HISTORY_FILE, prepare_run, run_trainer
 from raymetric.tune.plan import SweepPlan, check_sweep, plan_concurrency
 from raymetric.tune.plot import plot_curves
 from raymetric.tune.results import (
@@ -88,7 +88,7 @@ def run_trial(
         f"ray.name={override_value(trial_id)}",
     ]
     cfg, df = prepare_run(config_from_raw(train_raw, overrides), extractors)
-    run_trainer(cfg, new_run_dir(cfg), df, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)])
+    run_trainer(cfg, make_run_dir(cfg), df, extractors=extractors, quiet=True, callbacks=[ValidationToTune(metric_key)])
 
 
 def _trial_dirname(trial) -> str:

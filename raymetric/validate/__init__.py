@@ -26,9 +26,9 @@ from raymetric.validate.plan import (
     table_from_frame,
 )
 from raymetric.validate.ray_data import RayDataSearcher, embed_with_ray_data
-from raymetric.validate.run import ValidationResult, new_run_dir, run_validation
+from raymetric.validate.run import ValidationResult, run_validation
 from raymetric.validate.scoring import ValidationOutput, score_table, search_memory_bytes
 
 __all__ = ["run_validation", "ValidationResult", "prepare_validation", "ValidationPlan", "check_validate_config",
            "resolve_checkpoint", "load_checkpoint", "table_from_frame", "embed_with_ray_data", "RayDataSearcher",
-           "score_table", "ValidationOutput", "search_memory_bytes", "write_topk_table", "draw_picture", "new_run_dir"]
+           "score_table", "ValidationOutput", "search_memory_bytes", "write_topk_table", "draw_picture"]

@@ -28,17 +28,13 @@ class ValidationResult:
     searched_with: str
 
 
-def new_run_dir(cfg: ValidateConfig) -> str:
-    return make_run_dir(cfg)
-
-
 def run_validation(cfg: ValidateConfig, *, quiet: bool = False) -> ValidationResult:
     """The whole stand-alone validation (see the module docstring)."""
     from raymetric.ray_env import init_ray
 
     plan = prepare_validation(cfg)
     cfg = plan.cfg
-    run_dir = new_run_dir(cfg)
+    run_dir = make_run_dir(cfg)
     if plan.table is None:
         from raymetric.validate.ray_data import embed_with_ray_data
 

@@ -79,12 +79,7 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
     topk, query_rows = topk.to("cpu"), query_rows.cpu()
 
     is_relevant, n_retrieved = relevance(topk, labels[query_rows], labels)
-    moments = None
-    if metric_args.pcf_variance:
-        moments = {"": EmbeddingMoments.of(table.embeddings)}
-        if table.categories is not None:
-            for category in np.unique(table.categories):
-                moments[str(category)] = EmbeddingMoments.of(table.embeddings[table.categories == category])
+    moments = EmbeddingMoments.by_category(table.embeddings, table.categories) if metric_args.pcf_variance else None
     query_categories = None if table.categories is None else table.categories[query_rows.numpy()]
     per_query = metric_args_per_query(is_relevant, n_retrieved, topk.n_gt, metric_args)  # once: metrics and picture
     metrics = validation_report(is_relevant, n_retrieved, topk.n_gt, metric_args, categories=query_categories,
