@@ -222,6 +222,9 @@ class TrainConfig(_Strict):
     # Also checkpoint every N global steps inside an epoch (a multiple of accumulate_grad_batches);
     # null: only at the end of each epoch.
     checkpoint_every_n_steps: PositiveInt | None = None
+    # Lightning's key: rank 0's loss terms and learning rate every N optimizer steps, logged by the
+    # loggers as train_step/<name> at the global step (and kept in history.jsonl); null: per epoch only.
+    log_every_n_steps: PositiveInt | None = 50
     # Experiment loggers (raymetric/loggers.py), OML's {name, args} or a list of them; null: none.
     logger: list[Block] = [Block(name="tensorboard")]
     log_images: bool = False  # also log validation's retrieval picture with the loggers (OML's key)

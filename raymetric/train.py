@@ -54,7 +54,7 @@ from raymetric.data.transforms import build_transforms
 from raymetric.distributed import all_reduce_sum, broadcast_buffers, world
 from raymetric.evaluation import ValidationRows, embed, shard_rows, validation_metrics, worst_picture_rows
 from raymetric.extractors import build_extractor
-from raymetric.loggers import IMAGES_KEY
+from raymetric.loggers import IMAGES_KEY, STEPS_KEY
 from raymetric.progress import format_progress_line
 from raymetric.losses import build_criterion
 from raymetric.optim import (
@@ -514,6 +514,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # -- resume: the latest checkpoint Ray registered (None on a first attempt)
     epoch0, step0, optimizer_steps = 0, 0, 0
+    step_records: list[dict] = []  # rank 0: per-step logs (cfg.log_every_n_steps) until the next report
     best, best_epoch, last_val, partial = None, None, {}, {"sums": {}, "steps": 0}
     checkpoint = ray.train.get_checkpoint()
     state = None
@@ -579,6 +580,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     # Besides Ray's latest checkpoints: Ray's own scoring could delete the latest one.
                     os.makedirs(os.path.join(run_dir, BEST_DIR), exist_ok=True)
                     copy_atomic(os.path.join(tmp, STATE_FILE), os.path.join(run_dir, BEST_DIR, STATE_FILE))  # no 2nd torch.save
+            if step_records:  # rank 0's per-step records since the last report
+                metrics = metrics | {STEPS_KEY: list(step_records)}
+                step_records.clear()
             ray.train.report(metrics, checkpoint=ckpt)
 
     if cfg.validate_untrained and epoch0 == 0 and step0 == 0:
@@ -627,6 +631,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if not update:
                 continue
             optimizer_steps += 1
+            if rank == 0 and cfg.log_every_n_steps and optimizer_steps % cfg.log_every_n_steps == 0:
+                # This step's loss terms (rank 0's share) and the rate it trained with: one host sync per N steps.
+                step_records.append({"step": optimizer_steps} | {k: float(v) for k, v in logs.items()}
+                                    | {"lr": optimizer.param_groups[0]["lr"]})
             step_scheduler("step", optimizer_steps)
             every = cfg.checkpoint_every_n_steps
             if every and (step + 1) % every == 0 and step + 1 < sampler.n_steps:

@@ -29,7 +29,7 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
     rc = train_job.main(
         ["--config", os.path.join(ROOT, "configs", "demo.yaml"), f"dataset_root={tiny_demo}",
          f"ray.storage_path={tmp_path}", "ray.name=e2e", "max_epochs=2", "valid_period=1", *TINY,
-         "log_images=true", "picture.n_queries=4", "picture.tile_size=48"]
+         "log_images=true", "picture.n_queries=4", "picture.tile_size=48", "log_every_n_steps=2"]
     )
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -51,6 +51,10 @@ def test_train_job_writes_the_run_directory(ray_session, tiny_demo, tmp_path, ca
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert all("train/loss" in h for h in history[1:]) and all("val/cmc@1" in h for h in history)
     assert history[-1]["val/cmc@1"] == metrics["cmc@1"]
+    # log_every_n_steps=2: rank 0's loss terms and learning rate at every second optimizer step.
+    steps = [r for h in history for r in h.get("steps", [])]
+    assert len(steps) >= 2 and [r["step"] for r in steps] == list(range(2, 2 * len(steps) + 1, 2))
+    assert all({"loss", "active_triplets", "lr"} <= set(r) for r in steps)
     checkpoints = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_2")]
     assert len(checkpoints) == 2
     assert os.path.exists(os.path.join(run_dir, sorted(checkpoints)[-1], "state.pt"))
@@ -122,6 +126,11 @@ def _check_logs_progress_and_export(run_dir, out, metrics, categories, tmp_path)
     assert all(f"val/{c}/cmc/1" in tags for c in categories)
     assert [e.step for e in events.Scalars("val/cmc/1")] == [0, 1, 2]
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    history = [json.loads(line) for line in open(os.path.join(run_dir, "history.jsonl"))]
+    steps = [r for h in history for r in h.get("steps", [])]
+    logged = events.Scalars("train_step/loss")
+    assert [e.step for e in logged] == [r["step"] for r in steps]
+    assert [e.value for e in logged] == pytest.approx([r["loss"] for r in steps])
     assert events.Scalars("val/cmc/1")[-1].value == pytest.approx(metrics["cmc@1"])
     assert "config/text_summary" in events.Tags()["tensors"]
     # log_images: the retrieval picture of every validation (4 worst queries, 5 retrieved, 48 px tiles).

@@ -58,7 +58,8 @@ PLOT_FILE = "val_metric.png"
 
 class ValidationToTune(TuneReportCallback):
     """Forwards rank 0's validation reports to Tune (the others lack the metric Tune checks for),
-    without the per-category keys and the images (they stay in the run's history.jsonl and loggers).
+    without the per-category keys, the images and the per-step records (they stay in the run's
+    history.jsonl and loggers).
 
     Ray: a Train callback; it runs in the Train controller, which reads every ``ray.train.report``.
     """
@@ -69,8 +70,8 @@ class ValidationToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         if self.metric_key in metrics[0]:
-            overall = {k: v for k, v in metrics[0].items()
-                       if (k.count("/") <= 1 or k == self.metric_key) and not isinstance(v, dict)}  # no images
+            overall = {k: v for k, v in metrics[0].items()  # no images, no per-step records
+                       if (k.count("/") <= 1 or k == self.metric_key) and not isinstance(v, (dict, list))}
             super().after_report(run_context, [overall], checkpoint)
 
 
