@@ -259,6 +259,9 @@ class ValidateConfig(_Strict):
     dataframe_name: str | None = None
     transforms_val: Block | None = None
     bs_val: PositiveInt = 128  # images per inference batch
+    # bf16 autocast of the extractor on GPU actors (CPU always runs fp32); null: the checkpoint's, so that
+    # the job scores a checkpoint as validation inside its training did.
+    precision: Literal["32", "bf16"] | None = None
     metric_args: MetricArgs | None = None  # null: the checkpoint's, else the defaults
     retrieval: RetrievalConfig = RetrievalConfig()
     picture: PictureConfig = PictureConfig()
@@ -381,7 +384,7 @@ def build_config(raw: dict, schema: type[BaseModel] = TrainConfig) -> TrainConfi
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
     try:
-        return schema.model_validate(_normalise_raw(raw) if schema is TrainConfig else raw)
+        return schema.model_validate(_normalise_raw(raw) if schema in (TrainConfig, ValidateConfig) else raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 import torch
 
 from raymetric.embeddings import EmbeddingsTable, read_embeddings, write_embeddings
@@ -68,7 +69,7 @@ def test_checkpoint_job_embeds_with_a_ray_data_actor_pool(ray_session, tiny_demo
     from raymetric.visualize import picture_size
 
     cfg = TrainConfig(dataset_root=tiny_demo, extractor={"name": "timm", "args": {"arch": "resnet10t", "embedding_size": 16}},
-                      transforms_val={"name": "norm_resize_torch", "args": {"im_size": 32}})
+                      transforms_val={"name": "norm_resize_torch", "args": {"im_size": 32}}, precision="bf16")
     run = tmp_path / "train_run"
     models = []
     for seed, stamp in ((1, "2026-01-01_00-00-00.000001"), (2, "2026-01-02_00-00-00.000001")):  # the second is the latest
@@ -84,6 +85,8 @@ def test_checkpoint_job_embeds_with_a_ray_data_actor_pool(ray_session, tiny_demo
     assert out[-1] == f"run: {run_dir}"
     for name in ("config.yaml", "metrics.json", "topk.parquet", "retrieval.png", "embeddings.parquet"):
         assert os.path.exists(run_dir / name), name
+    # The checkpoint's precision, as its training validated with: bf16 autocast on GPU; this CPU runs fp32.
+    assert yaml.safe_load(open(run_dir / "config.yaml"))["precision"] == "bf16"
 
     df = load_dataset_csv(os.path.join(tiny_demo, "df.csv"), tiny_demo)
     frame = df[df["split"] == "validation"].reset_index(drop=True)

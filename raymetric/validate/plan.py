@@ -100,6 +100,7 @@ def prepare_validation(cfg: ValidateConfig) -> ValidationPlan:
         "dataframe_name": cfg.dataframe_name or train_cfg.dataframe_name,
         "transforms_val": cfg.transforms_val or train_cfg.transforms_val,
         "metric_args": cfg.metric_args or train_cfg.metric_args,
+        "precision": cfg.precision or train_cfg.precision,
     }
     cfg = cfg.model_copy(update=updates)
     check_validate_config(cfg, cfg.metric_args)

@@ -22,7 +22,7 @@ from raymetric.validate.plan import ValidationPlan, table_from_frame
 class _DecodeEmbed:
     """Ray Data actor: rows -> images (decode, crop, transform) -> embeddings, or images -> embeddings."""
 
-    def __init__(self, refs: list, extractor: dict, transforms: dict | None, threads: int):
+    def __init__(self, refs: list, extractor: dict, transforms: dict | None, threads: int, bf16: bool = False):
         import ray
 
         from raymetric.data.dataset import ImageDataset
@@ -35,6 +35,7 @@ class _DecodeEmbed:
         self.model = build_extractor(extractor["name"], extractor["args"])
         self.model.load_state_dict(state)
         self.model.eval().to(self.device)
+        self.bf16 = bf16 and self.device.type == "cuda"  # as training: bf16 autocast on GPU only
         self.dataset = None if transforms is None else ImageDataset(
             frame, build_transforms(transforms["name"], transforms["args"]))
 
@@ -44,7 +45,8 @@ class _DecodeEmbed:
             images = torch.stack([self.dataset[int(i)]["image"] for i in batch["row"]])
         else:
             images = torch.as_tensor(batch["image"])
-        emb = self.model(images.to(self.device)).float().cpu().numpy()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            emb = self.model(images.to(self.device)).float().cpu().numpy()
         return {"row": batch["row"], "embedding": emb}
 
 
@@ -66,12 +68,12 @@ def embed_with_ray_data(plan: ValidationPlan) -> EmbeddingsTable:
     cfg = plan.cfg
     extractor = trained_extractor_spec(plan.train_cfg.extractor.model_dump())
     emb = embed_frame(plan.frame, plan.model_state, extractor, cfg.transforms_val.model_dump(), batch_size=cfg.bs_val,
-                      ray_cfg=cfg.ray)
+                      ray_cfg=cfg.ray, bf16=cfg.precision == "bf16")
     return table_from_frame(plan.frame, emb)
 
 
 def embed_frame(frame: pd.DataFrame, state: dict, extractor: dict, transforms: dict, *, batch_size: int,
-                ray_cfg) -> np.ndarray:
+                ray_cfg, bf16: bool = False) -> np.ndarray:
     """``[len(frame), D]`` embeddings of a frame's images (rows with ``path``, optional boxes) on Ray Data.
 
     Args:
@@ -82,6 +84,7 @@ def embed_frame(frame: pd.DataFrame, state: dict, extractor: dict, transforms: d
         batch_size: images per inference batch.
         ray_cfg: ``raymetric.config.RayConfig``: ``num_workers`` actors, ``cpus_per_worker``, ``use_gpu``
             (decoding in CPU tasks, the model in GPU actors).
+        bf16: bf16 autocast of the model on GPU actors (CPU actors run fp32).
     """
     import ray
     import ray.data
@@ -102,11 +105,11 @@ def embed_frame(frame: pd.DataFrame, state: dict, extractor: dict, transforms: d
         ds = ds.map_batches(_decode, fn_kwargs={"refs": refs[1:], "transforms": transforms}, batch_size=batch_size,
                             num_cpus=1)
         ds = ds.map_batches(_DecodeEmbed, fn_constructor_kwargs={"refs": refs, "extractor": extractor,
-                                                                 "transforms": None, "threads": threads},
+                                                                 "transforms": None, "threads": threads, "bf16": bf16},
                             batch_size=batch_size, compute=pool, num_gpus=1, num_cpus=0)
     else:
         ds = ds.map_batches(_DecodeEmbed, fn_constructor_kwargs={"refs": refs, "extractor": extractor,
-                                                                 "transforms": transforms, "threads": threads},
+                                                                 "transforms": transforms, "threads": threads, "bf16": bf16},
                             batch_size=batch_size, compute=pool, num_cpus=ray_cfg.cpus_per_worker)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     row = np.concatenate([p["row"] for p in parts])
