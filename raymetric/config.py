@@ -52,7 +52,7 @@ class SchedulingConfig(_Strict):
     """LR scheduling (OML's keys), plus an optional linear warm-up (raymetric's)."""
 
     scheduler: Block
-    scheduler_interval: Literal["epoch", "step"] = "epoch"  # "step" counts optimizer steps
+    scheduler_interval: Literal["epoch", "step"] = "epoch"  # "step": at optimizer steps, by batch within the epoch
     scheduler_frequency: PositiveInt = 1
     # Scheduler steps of linear warm-up from warmup_start_factor x lr; the scheduler starts after it.
     warmup: NonNegativeInt = 0

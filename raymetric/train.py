@@ -508,7 +508,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         scheduler = build_lr_schedule(block.name, optimizer, block.args, scheduling.warmup, scheduling.warmup_start_factor)
 
     def step_scheduler(interval: str, count: int) -> None:
-        # OML's (Lightning's) semantics: every scheduler_frequency optimizer steps, or epochs.
+        # OML's (Lightning's) semantics: at an optimizer step whose batch number within the epoch (1-based,
+        # counting accumulated batches) is a multiple of scheduler_frequency; or every that many epochs.
         if scheduler is not None and scheduling.scheduler_interval == interval and count % scheduling.scheduler_frequency == 0:
             scheduler.step()
 
@@ -635,7 +636,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 # This step's loss terms (rank 0's share) and the rate it trained with: one host sync per N steps.
                 step_records.append({"step": optimizer_steps} | {k: float(v) for k, v in logs.items()}
                                     | {"lr": optimizer.param_groups[0]["lr"]})
-            step_scheduler("step", optimizer_steps)
+            step_scheduler("step", step + 1)
             every = cfg.checkpoint_every_n_steps
             if every and (step + 1) % every == 0 and step + 1 < sampler.n_steps:
                 floats = {k: float(v) for k, v in sums.items()}

@@ -172,6 +172,10 @@ RECIPE_CASES = {
         "optimizer.groups={loss: {lr: 0.01}}",
     ],
     "shuffled-batches-multi-similarity": ["sampler=null", "bs_train=8", "criterion={name: multi_similarity}"],
+    "scheduler-every-2-batches-accumulate-2": [
+        "sampler.args.n_labels=2", "sampler.args.n_instances=2", "accumulate_grad_batches=2",
+        "scheduling.scheduler_interval=step", "scheduling.scheduler_frequency=2",
+    ],
 }
 
 
@@ -191,6 +195,10 @@ def test_recipe_writes_a_complete_checkpoint_and_the_best_one(tiny_demo, tmp_pat
         assert best["scheduler"]["_milestones"] == [1], "warm-up then the cosine"
         assert [g["name"] for g in best["optimizer"]["param_groups"]] == ["backbone", "head"]
         assert [g["initial_lr"] for g in best["optimizer"]["param_groups"]] == [1e-3, 0.01], "per-group learning rates"
+    if "scheduler-every" in case:
+        # Lightning's rule: 4 batches per epoch, optimizer steps after batches 2 and 4, both multiples of 2:
+        # 2 scheduler steps per epoch (counting optimizer steps instead would give 1).
+        assert best["optimizer_steps"] == 2 * best["epoch"] and best["scheduler"]["last_epoch"] == 2 * best["epoch"]
     if "arcface" in case:
         assert best["criterion"]["arcface.weight"].shape == (8, 16), "class weights (8 train labels) are saved"
         assert [g["name"] for g in best["optimizer"]["param_groups"]] == ["backbone", "head", "loss"]
