@@ -222,8 +222,8 @@ class TrainConfig(_Strict):
     # Also checkpoint every N global steps inside an epoch (a multiple of accumulate_grad_batches);
     # null: only at the end of each epoch.
     checkpoint_every_n_steps: PositiveInt | None = None
-    # Lightning's key: rank 0's loss terms and learning rate every N optimizer steps, logged by the
-    # loggers as train_step/<name> at the global step (and kept in history.jsonl); null: per epoch only.
+    # Lightning's key: the step's loss terms (over the global batch) and learning rate every N optimizer
+    # steps, logged as train_step/<name> at the global step (and kept in history.jsonl); null: per epoch only.
     log_every_n_steps: PositiveInt | None = 50
     # Experiment loggers (raymetric/loggers.py), OML's {name, args} or a list of them; null: none.
     logger: list[Block] = [Block(name="tensorboard")]
@@ -294,6 +294,9 @@ class PredictConfig(_Strict):
     split: Literal["all", "train", "validation"] = "all"  # rows of an OML dataset CSV to embed
     transforms: Block | None = None  # null: the checkpoint's transforms_val
     bs: PositiveInt = 128  # images per inference batch
+    # bf16 autocast of the extractor on GPU actors (faster; CPU always runs fp32). "32" keeps the index
+    # in the precision raymetric.predict.ImageIndex embeds its queries in.
+    precision: Literal["32", "bf16"] = "32"
     index: IndexConfig = IndexConfig()
     ray: RayConfig = RayConfig()  # num_workers = inference actors; storage_path and name as in training
 
@@ -384,7 +387,7 @@ def build_config(raw: dict, schema: type[BaseModel] = TrainConfig) -> TrainConfi
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys, got {type(raw).__name__}")
     try:
-        return schema.model_validate(_normalise_raw(raw) if schema in (TrainConfig, ValidateConfig) else raw)
+        return schema.model_validate(_normalise_raw(raw) if schema in (TrainConfig, ValidateConfig, PredictConfig) else raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 

@@ -289,7 +289,7 @@ def run_predict(cfg: PredictConfig, *, quiet: bool = False) -> PredictResult:
     run_dir = make_run_dir(cfg)
     init_ray(quiet=quiet)
     emb = embed_frame(frame.reset_index(drop=True), source.state, source.extractor, source.transforms,
-                      batch_size=cfg.bs, ray_cfg=cfg.ray)
+                      batch_size=cfg.bs, ray_cfg=cfg.ray, bf16=cfg.precision == "bf16")
     table = table_of(frame, emb)
     write_embeddings(table, os.path.join(run_dir, EMBEDDINGS_FILE))
     _write_extractor(source, os.path.join(run_dir, EXTRACTOR_DIR))

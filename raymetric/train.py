@@ -116,7 +116,8 @@ def prepare_run(
         if datasets is not None:
             datasets[key] = df
     train_df = df[df["split"] == "train"]
-    build_train_sampler(cfg, train_df, cfg.ray.num_workers, rank=0)  # raises SamplerError naming the numbers
+    sampler = build_train_sampler(cfg, train_df, cfg.ray.num_workers, rank=0)  # raises SamplerError naming the numbers
+    check_scheduler_steps(cfg, sampler.n_steps)
     labels, _ = remap_labels(train_df["label"])
     miner = cfg.criterion.miner.model_dump() if cfg.criterion.miner else None
     # The extractor is built only when its embedding size matters: the config states it (OML's
@@ -137,6 +138,22 @@ def prepare_run(
         cfg = cfg.model_copy(update={"resume_from": os.path.abspath(cfg.resume_from)})
         check_resume(cfg, extractor, criterion)
     return cfg, df
+
+
+def check_scheduler_steps(cfg: TrainConfig, n_batches: int) -> None:
+    """Refuses a step-interval scheduler that would never step: Lightning's rule steps it at an optimizer
+    step whose batch number within the epoch (1-based) is a multiple of ``scheduler_frequency``."""
+    scheduling, accumulate = cfg.scheduling, cfg.accumulate_grad_batches
+    if scheduling is None or scheduling.scheduler_interval != "step":
+        return
+    frequency = scheduling.scheduler_frequency
+    updates = [b for b in range(1, n_batches + 1) if b % accumulate == 0 or b == n_batches]  # optimizer steps
+    if not any(b % frequency == 0 for b in updates):
+        raise ConfigError(
+            f"config key scheduling.scheduler_frequency={frequency}: with scheduler_interval: step the scheduler "
+            f"steps at an optimizer step whose batch number within the epoch is a multiple of it (Lightning's "
+            f"rule), and with {n_batches} batches per epoch and accumulate_grad_batches={accumulate} none is: "
+            f"the learning rate would never change")
 
 
 def check_resume(cfg: TrainConfig, extractor: torch.nn.Module, criterion: torch.nn.Module) -> str:
@@ -507,6 +524,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         block = scheduling.scheduler
         scheduler = build_lr_schedule(block.name, optimizer, block.args, scheduling.warmup, scheduling.warmup_start_factor)
 
+    def learning_rates() -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
     def step_scheduler(interval: str, count: int) -> None:
         # OML's (Lightning's) semantics: at an optimizer step whose batch number within the epoch (1-based,
         # counting accumulated batches) is a multiple of scheduler_frequency; or every that many epochs.
@@ -611,6 +631,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         n_done, epoch_start, bad_images = resumed["steps"], time.time(), 0
         seeds = (step_seed(cfg.seed, epoch, step, rank) for step in range(start_step, sampler.n_steps))
         batches = data.train_batches.epoch(seeds)  # on the device; augmentation finished there is seeded per step
+        used_lr = learning_rates()
         for step in range(start_step, sampler.n_steps):
             # Before the batch: its augmentations too when they run here (num_workers: 0); DataLoader
             # processes draw from their own seeds.
@@ -632,17 +653,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if not update:
                 continue
             optimizer_steps += 1
+            used_lr = learning_rates()  # the rates this step trained with, before the scheduler moves them
             if rank == 0 and cfg.log_every_n_steps and optimizer_steps % cfg.log_every_n_steps == 0:
-                # This step's loss terms (rank 0's share) and the rate it trained with: one host sync per N steps.
+                # This step's loss terms (global, from reduce_loss) and rates: one host sync per N steps, on rank 0.
                 step_records.append({"step": optimizer_steps} | {k: float(v) for k, v in logs.items()}
-                                    | {"lr": optimizer.param_groups[0]["lr"]})
+                                    | {"lr": next(iter(used_lr.values()))}
+                                    | ({f"lr/{name}": lr for name, lr in used_lr.items()} if len(used_lr) > 1 else {}))
             step_scheduler("step", step + 1)
             every = cfg.checkpoint_every_n_steps
             if every and (step + 1) % every == 0 and step + 1 < sampler.n_steps:
                 floats = {k: float(v) for k, v in sums.items()}
                 step_metrics = {"epoch": epoch, "step": step + 1} | {f"train/{k}": v / n_done for k, v in floats.items()}
                 save_and_report(step_metrics, epoch, step + 1, floats, n_done, new_best=False)
-        used_lr = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}  # the last step's
         step_scheduler("epoch", epoch + 1)
 
         epoch_time = time.time() - epoch_start

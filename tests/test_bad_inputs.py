@@ -57,6 +57,7 @@ CASES = [
     ("empty validation split", lambda df: df[df["split"] == "train"], [], ["no 'validation' rows"], False),
     ("corrupt image (check_images: true)", "corrupt", ["check_images=true"], ["cannot be decoded", "row 0"], True),
     ("unknown config key", None, ["max_epoch=3"], ["config key 'max_epoch': unknown key"], False),
+    ("step scheduler that would never step", None, ["scheduling.scheduler_interval=step", "scheduling.scheduler_frequency=1000"], ["config key scheduling.scheduler_frequency=1000", "would never change"], False),
     ("fnmr@fmr buckets not a power of two", None, ["metric_args.fmr_bins=1000"], ["config key 'metric_args.fmr_bins'", "power of two"], False),
     ("more workers than the cluster has", None, ["ray.num_workers=4"], ["ray.num_workers=4", "needs 4 CPUs; the Ray cluster has 2"], True),
     ("more GPUs than the cluster has", None, ["ray.use_gpu=true"], ["ray.use_gpu=true", "needs that many GPUs; the Ray cluster has 0"], True),

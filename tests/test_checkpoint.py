@@ -174,7 +174,7 @@ RECIPE_CASES = {
     "shuffled-batches-multi-similarity": ["sampler=null", "bs_train=8", "criterion={name: multi_similarity}"],
     "scheduler-every-2-batches-accumulate-2": [
         "sampler.args.n_labels=2", "sampler.args.n_instances=2", "accumulate_grad_batches=2",
-        "scheduling.scheduler_interval=step", "scheduling.scheduler_frequency=2",
+        "scheduling.scheduler_interval=step", "scheduling.scheduler_frequency=2", "log_every_n_steps=1",
     ],
 }
 
@@ -199,6 +199,10 @@ def test_recipe_writes_a_complete_checkpoint_and_the_best_one(tiny_demo, tmp_pat
         # Lightning's rule: 4 batches per epoch, optimizer steps after batches 2 and 4, both multiples of 2:
         # 2 scheduler steps per epoch (counting optimizer steps instead would give 1).
         assert best["optimizer_steps"] == 2 * best["epoch"] and best["scheduler"]["last_epoch"] == 2 * best["epoch"]
+        # The epoch's train/lr is the rate its last step trained with, as that step's record says.
+        records = result.metrics["steps"]
+        assert [r["step"] for r in records] == [3, 4] and result.metrics["train/lr"] == records[-1]["lr"]
+        assert records[0]["lr"] != records[1]["lr"], "the scheduler stepped after step 3"
     if "arcface" in case:
         assert best["criterion"]["arcface.weight"].shape == (8, 16), "class weights (8 train labels) are saved"
         assert [g["name"] for g in best["optimizer"]["param_groups"]] == ["backbone", "head", "loss"]

@@ -133,6 +133,8 @@ def test_driver_checks_name_the_key(tmp_path):
         prepare_validation(validate_cfg(embeddings=e, checkpoint=str(tmp_path)))
     with pytest.raises(ConfigError, match="config key dataset_root: not used with embeddings"):
         prepare_validation(validate_cfg(embeddings=e, dataset_root="data"))
+    with pytest.raises(ConfigError, match="config key precision: not used with embeddings"):
+        prepare_validation(validate_cfg(embeddings=e, precision="bf16"))
     with pytest.raises(ConfigError, match="config key picture.metric: 'cmc@7' is not a per-query metric"):
         prepare_validation(validate_cfg(embeddings=e, picture={"metric": "cmc@7"}))
     with pytest.raises(ConfigError, match="retrieval.postprocessing.0.name: unknown name"):

@@ -78,7 +78,7 @@ def prepare_validation(cfg: ValidateConfig) -> ValidationPlan:
                           "(a Parquet embeddings table), e.g. --embeddings E.parquet")
     updates: dict = {"ray": cfg.ray.model_copy(update={"storage_path": os.path.abspath(cfg.ray.storage_path)})}
     if cfg.embeddings is not None:
-        for key in ("dataset_root", "dataframe_name", "transforms_val"):
+        for key in ("dataset_root", "dataframe_name", "transforms_val", "precision"):
             if getattr(cfg, key) is not None:
                 raise ConfigError(f"config key {key}: not used with embeddings (no model runs); remove it")
         table = read_embeddings(cfg.embeddings)
