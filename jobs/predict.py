@@ -26,37 +26,25 @@ error (printed, naming the key, column or rows).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raymetric.config import ConfigError, PredictConfig, describe_keys, load_config  # noqa: E402
+from raymetric.config import ConfigError, PredictConfig, flag_overrides, job_parser, load_config  # noqa: E402
 from raymetric.data.csv import DatasetError  # noqa: E402
 from raymetric.embeddings import EmbeddingsError  # noqa: E402
 from raymetric.ray_env import shutdown_if_started  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="config keys and their defaults (raymetric/config.py documents each):\n  "
-        + "\n  ".join(describe_keys(PredictConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML config (default: none, every key at its default)")
+    parser = job_parser(__doc__, PredictConfig, example="index.type=ivf")
     parser.add_argument("--checkpoint", help="run folder, checkpoint folder, state.pt or export folder "
                         "(same as checkpoint=...)")
     parser.add_argument("--images", help="a folder of images (same as images=...)")
     parser.add_argument("--dataframe", help="a CSV with a 'path' column (same as dataframe=...)")
-    parser.add_argument("--quiet", action="store_true", help="no Ray log lines")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. index.type=ivf")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    for key in ("checkpoint", "images", "dataframe"):
-        if getattr(args, key):
-            overrides.append(f"{key}={getattr(args, key)}")
+    overrides = flag_overrides(args, ("checkpoint", "images", "dataframe"))
     try:
         cfg = load_config(args.config, overrides, schema=PredictConfig)
         from raymetric.predict import run_predict  # imports Ray Data: after the cheap checks

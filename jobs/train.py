@@ -23,13 +23,12 @@ Exit status: 0 done; 2 a config, dataset or sampler error (printed, naming the k
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raymetric.config import ConfigError, describe_keys, load_config  # noqa: E402
+from raymetric.config import ConfigError, TrainConfig, job_parser, load_config  # noqa: E402
 from raymetric.data.csv import DatasetError  # noqa: E402
 from raymetric.ray_env import shutdown_if_started  # noqa: E402
 from raymetric.report import format_metrics  # noqa: E402
@@ -39,16 +38,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="config keys and their defaults (raymetric/config.py documents each):\n  "
-        + "\n  ".join(describe_keys()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines (CI): only the final metrics and `run:`")
+    parser = job_parser(__doc__, TrainConfig, config_default=DEFAULT_CONFIG,
+                        config_help="YAML config (default: configs/demo.yaml)",
+                        quiet_help="no per-epoch lines (CI): only the final metrics and `run:`", example="max_epochs=5")
     parser.add_argument("--verbose", action="store_true", help="also show Ray's log lines (workers, Train controller)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_epochs=5")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

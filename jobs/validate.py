@@ -22,13 +22,12 @@ retrieval.png (the worst queries) and, from a checkpoint, embeddings.parquet. Th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raymetric.config import ConfigError, ValidateConfig, describe_keys, load_config  # noqa: E402
+from raymetric.config import ConfigError, ValidateConfig, flag_overrides, job_parser, load_config  # noqa: E402
 from raymetric.data.csv import DatasetError  # noqa: E402
 from raymetric.embeddings import EmbeddingsError  # noqa: E402
 from raymetric.ray_env import shutdown_if_started  # noqa: E402
@@ -36,21 +35,11 @@ from raymetric.report import format_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="config keys and their defaults (raymetric/config.py documents each):\n  "
-        + "\n  ".join(describe_keys(ValidateConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML config (default: none, every key at its default)")
+    parser = job_parser(__doc__, ValidateConfig)
     parser.add_argument("--embeddings", help="a Parquet embeddings table to score (same as embeddings=...)")
     parser.add_argument("--checkpoint", help="a run folder, checkpoint folder or state.pt (same as checkpoint=...)")
-    parser.add_argument("--quiet", action="store_true", help="no Ray log lines")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. bs_val=64")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    overrides += [f"embeddings={args.embeddings}"] if args.embeddings else []
-    overrides += [f"checkpoint={args.checkpoint}"] if args.checkpoint else []
+    overrides = flag_overrides(args, ("embeddings", "checkpoint"))
     try:
         cfg = load_config(args.config, overrides, schema=ValidateConfig)
         from raymetric.validate import run_validation  # imports Ray Data: after the cheap checks

@@ -467,6 +467,30 @@ def describe_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> lis
     return lines
 
 
+def job_parser(doc: str, schema: type[BaseModel], *, config_default: str | None = None,
+               config_help: str = "YAML config (default: none, every key at its default)",
+               quiet_help: str = "no Ray log lines", example: str = "bs_val=64"):
+    """A config job's command line: ``--config``, ``--quiet``, ``key=value`` overrides, and every key of
+    ``schema`` with its default in ``--help``; the job adds its own flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=doc,
+        epilog="config keys and their defaults (raymetric/config.py documents each):\n  "
+        + "\n  ".join(describe_keys(schema)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=config_default, help=config_help)
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    return parser
+
+
+def flag_overrides(args, keys: Sequence[str]) -> list[str]:
+    """``args.overrides`` plus ``key=value`` for each of ``keys`` given as a flag (``--checkpoint X``)."""
+    return list(args.overrides) + [f"{key}={getattr(args, key)}" for key in keys if getattr(args, key)]
+
+
 # ---------------------------------------------------------------- semantic checks
 
 
