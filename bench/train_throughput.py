@@ -252,14 +252,21 @@ def print_table(s: Settings, rows: dict[str, dict]) -> None:
     print(f"\n{s.arch}, {s.im_size} px, P x K = {s.n_labels} x {s.n_instances} = {s.n_labels * s.n_instances} images/step, "
           f"{s.steps_per_epoch} steps/epoch, {s.loader_workers} DataLoader processes, {os.cpu_count()} CPU cores, "
           f"{s.epochs} epochs per run (first dropped)")
-    print("| pipeline | images/s (median) | range | epochs | ratio to OML | wall per run s |")
-    print("|---|---|---|---|---|---|")
+    print_rows(rows, base, "pipeline", "ratio to OML", with_wall=True)
+
+
+def print_rows(rows: dict[str, dict], base: float | None, first: str, ratio_name: str, with_wall: bool = False) -> None:
+    """A markdown table of summarised runs: images/s median and range, epochs, ratio to ``base``."""
+    extra = " wall per run s |" if with_wall else ""
+    print(f"| {first} | images/s (median) | range | epochs | {ratio_name} |{extra}")
+    print("|---|---|---|---|---|" + ("---|" if with_wall else ""))
     for name, r in rows.items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | | |")
+            print(f"| {name} | failed: {r['error']} | | | |" + (" |" if with_wall else ""))
             continue
         ratio = f"{r['median'] / base:.2f}" if base else "-"
-        print(f"| {name} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {r['n']} | {ratio} | {r['wall_s']:.0f} |")
+        wall = f" {r['wall_s']:.0f} |" if with_wall else ""
+        print(f"| {name} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {r['n']} | {ratio} |{wall}")
 
 
 def main() -> None:
@@ -328,14 +335,7 @@ def demo_table(epochs: int, repeat: int) -> None:
     base = rows["configs/demo.yaml, channels_last=false"].get("median")
     print(f"\nconfigs/demo.yaml (2 Ray Train workers on CPU, resnet10t 64 px, 8 x 4 batch, num_workers 0), "
           f"{epochs} epochs per run (first dropped), {repeat} run(s) each, interleaved")
-    print("| run | images/s (median) | range | epochs | ratio |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | |")
-        else:
-            ratio = f"{r['median'] / base:.2f}" if base else "-"
-            print(f"| {name} | {r['median']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {r['n']} | {ratio} |")
+    print_rows(rows, base, "run", "ratio")
 
 
 if __name__ == "__main__":
