@@ -70,10 +70,11 @@ def _slots(keys: torch.Tensor, lo: int, shift: int, n_buckets: int) -> torch.Ten
     return slots.add_(1)
 
 
-def _check_no_overflow(query_emb: torch.Tensor, gallery_emb: torch.Tensor) -> None:
-    """Refuses embeddings so large that float32 distances could overflow (to inf or NaN)."""
-    largest = [float(e.double().square().sum(1).max()) ** 0.5 for e in (query_emb, gallery_emb)]
-    if (largest[0] + largest[1]) ** 2 > 0.25 * torch.finfo(torch.float32).max:
+def _check_no_overflow(query_sq: torch.Tensor, gallery_sq: torch.Tensor) -> None:
+    """Refuses embeddings so large that float32 distances could overflow (to inf or NaN), from their
+    float32 squared norms (an overflowed one is inf, and refused too)."""
+    largest = [float(sq.max()) ** 0.5 for sq in (query_sq, gallery_sq)]
+    if not (largest[0] + largest[1]) ** 2 <= 0.25 * torch.finfo(torch.float32).max:
         raise ValueError(f"fnmr@fmr: embedding norms up to {max(largest):.3g} overflow float32 distances; "
                          "scale the embeddings down")
 
@@ -143,7 +144,6 @@ def pair_distance_counts(
     slots = n_buckets + 2
     counts = torch.zeros(len(windows), 3 * slots, dtype=torch.int64, device=device)  # rows: not relevant, relevant, skipped
     if n_query and n_gallery and windows:
-        _check_no_overflow(query_emb, gallery_emb)
         limit = BLOCK_ELEMS.get(device.type, 2**18)
         max_block_elems = min(max_block_elems, limit) if max_block_elems else limit
         gallery = gallery_emb.float()
@@ -152,6 +152,7 @@ def pair_distance_counts(
         rows_per_block = max(1, max_block_elems // cols_per_block)
         query = query_emb.float()
         query_sq = query.square().sum(1)  # [Q]
+        _check_no_overflow(query_sq, gallery_sq)
         blocks = [(rs, min(rs + rows_per_block, n_query), cs, min(cs + cols_per_block, n_gallery))
                   for rs in range(0, n_query, rows_per_block) for cs in range(0, n_gallery, cols_per_block)]
         with _full_float32():
