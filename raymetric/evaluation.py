@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 
 from raymetric.distributed import all_gather_nograd, all_gather_variable, all_reduce_max, all_reduce_sum, world
-from raymetric.metrics import EmbeddingMoments, fnmr_at_fmr, metric_args_per_query, validation_report
+from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, merge_topk, own_rows, pair_distance_counts, relevance, topk_shard
 from raymetric.retrieval.candidates import scoring_dtype, scoring_gallery
-from raymetric.search import SearchSettings
+from raymetric.search import SearchSettings, searcher_fnmr
 
 
 @dataclass
@@ -247,8 +247,7 @@ def validation_metrics(
                   all_gather_variable(topk.n_gt)[order])
     all_ids = all_ids[order].cpu().numpy()
     is_relevant, n_retrieved = relevance(merged, rows.labels[all_ids], rows.labels)
-    fnmr = fnmr_at_fmr(lambda windows: searcher.pair_counts(query_emb, query_ids, windows, metric_args.fmr_bins),
-                       metric_args.fmr_vals, metric_args.fmr_bins) if metric_args.fmr_vals else None
+    fnmr = searcher_fnmr(searcher, query_emb, query_ids, metric_args)
     moments = _moments(emb, row_ids, rows) if metric_args.pcf_variance else None
     is_relevant, n_retrieved, n_gt = is_relevant.cpu(), n_retrieved.cpu(), merged.n_gt.cpu()
     per_query = metric_args_per_query(is_relevant, n_retrieved, n_gt, metric_args)  # once: metrics and picture

@@ -99,6 +99,17 @@ class LocalSearcher:
         return total
 
 
+def searcher_fnmr(searcher, query_emb: torch.Tensor, query_rows: torch.Tensor, metric_args) -> dict[str, float] | None:
+    """``fnmr@fmr`` of a searcher's queries against its gallery (any searcher with ``pair_counts``; a
+    collective for the distributed one); None when ``metric_args.fmr_vals`` asks for none."""
+    from raymetric.metrics import fnmr_at_fmr
+
+    if not metric_args.fmr_vals:
+        return None
+    return fnmr_at_fmr(lambda windows: searcher.pair_counts(query_emb, query_rows, windows, metric_args.fmr_bins),
+                       metric_args.fmr_vals, metric_args.fmr_bins)
+
+
 def check_retrieval_config(retrieval, metric_args) -> None:
     """Checks ``retrieval`` (``RetrievalConfig``) against ``metric_args``; raises ConfigError naming the key."""
     from raymetric.config import ConfigError, check_args

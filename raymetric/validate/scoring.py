@@ -10,11 +10,11 @@ import torch
 
 from raymetric.config import MetricArgs
 from raymetric.embeddings import EmbeddingsTable
-from raymetric.metrics import EmbeddingMoments, fnmr_at_fmr, metric_args_per_query, validation_report
+from raymetric.metrics import EmbeddingMoments, metric_args_per_query, validation_report
 from raymetric.postprocessing import apply_postprocessing, build_postprocessors
 from raymetric.retrieval import TopK, relevance
 from raymetric.retrieval.candidates import scoring_dtype
-from raymetric.search import LocalSearcher, SearchSettings
+from raymetric.search import LocalSearcher, SearchSettings, searcher_fnmr
 
 
 def search_memory_bytes(table: EmbeddingsTable, settings: SearchSettings, device: torch.device | None = None) -> int:
@@ -74,8 +74,7 @@ def score_table(table: EmbeddingsTable, metric_args: MetricArgs, retrieval, *, k
         query_rows, query_emb = query_rows.to(device), query_emb.to(device)
     topk = searcher.search(query_emb, query_rows)
     topk = apply_postprocessing(build_postprocessors(retrieval.postprocessing), query_emb, query_rows, topk, searcher)
-    fnmr = fnmr_at_fmr(lambda windows: searcher.pair_counts(query_emb, query_rows, windows, metric_args.fmr_bins),
-                       metric_args.fmr_vals, metric_args.fmr_bins) if metric_args.fmr_vals else None
+    fnmr = searcher_fnmr(searcher, query_emb, query_rows, metric_args)
     topk, query_rows = topk.to("cpu"), query_rows.cpu()
 
     is_relevant, n_retrieved = relevance(topk, labels[query_rows], labels)
